@@ -1,0 +1,51 @@
+"""Optimizer names shared by the simulator and the attack harness.
+
+A preset is a base optimizer plus default hyperparameters, so ``"nesterov"``
+means SGD with momentum 0.9 and Nesterov on. Base names are those of
+:mod:`torch.optim`, lower-cased.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BASE_OPTIMIZERS = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+    "adadelta": torch.optim.Adadelta,
+}
+
+PRESETS: dict[str, tuple[str, dict]] = {
+    "sgd": ("sgd", {}),
+    "sgd_momentum": ("sgd", {"momentum": 0.9}),
+    "nesterov": ("sgd", {"momentum": 0.9, "nesterov": True}),
+    "adam": ("adam", {}),
+    "adamw": ("adamw", {}),
+    "rmsprop": ("rmsprop", {}),
+    "adagrad": ("adagrad", {}),
+    "adadelta": ("adadelta", {}),
+    "lion": ("lion", {}),
+}
+
+
+def resolve_preset(name: str, hparams: dict | None = None) -> tuple[str, dict]:
+    """(base optimizer name, merged hyperparameters) for a preset name."""
+    if name not in PRESETS:
+        raise ValueError(f"optimizer: unknown name {name!r}; choose one of {sorted(PRESETS)}")
+    base, defaults = PRESETS[name]
+    return base, {**defaults, **(hparams or {})}
+
+
+def make_torch_optimizer(name: str, params, lr: float, hparams: dict | None = None) -> torch.optim.Optimizer:
+    """A torch.optim optimizer for a preset (Lion comes from sophon_ext.optim)."""
+    if not lr > 0:
+        raise ValueError(f"lr: must be > 0, got {lr}")
+    base, hp = resolve_preset(name, hparams)
+    if base == "lion":
+        from . import Lion  # the package's own torch.optim-style class
+
+        return Lion(params, lr=lr, **hp)
+    return BASE_OPTIMIZERS[base](params, lr=lr, **hp)
