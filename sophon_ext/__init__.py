@@ -5,3 +5,13 @@ from ._ops import extension_info
 __version__ = "0.1.0"
 
 __all__ = ["extension_info", "__version__"]
+
+from .simulate import SimulationResult, simulate  # noqa: E402
+from .strategies import FineTuneStrategy, StrategySampler  # noqa: E402
+
+__all__ += ["FineTuneStrategy", "SimulationResult", "StrategySampler", "simulate"]
+
+from .config import Config, ConfigError, ProtectConfig, load_config, save_config  # noqa: E402
+from .engine import ProtectionResult, Sophon, protect  # noqa: E402
+
+__all__ += ["Config", "ConfigError", "ProtectConfig", "ProtectionResult", "Sophon", "load_config", "protect", "save_config"]

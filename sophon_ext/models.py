@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .unet import TinyUNet  # generation mode's noise predictor, registered below
+
 
 class SmallCNN(nn.Module):
     """``depth`` conv3x3 blocks of ``width`` channels (ReLU, 2x2 max-pool after each
@@ -45,4 +47,4 @@ def build_model(name: str, **kwargs) -> nn.Module:
     return MODEL_REGISTRY[name](**kwargs)
 
 
-MODEL_REGISTRY = {"small_cnn": SmallCNN}
+MODEL_REGISTRY = {"small_cnn": SmallCNN, "tiny_unet": TinyUNet}

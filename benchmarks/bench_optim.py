@@ -1,0 +1,100 @@
+"""Fused multi-trajectory update vs N torch.optim optimizers (foreach=True).
+
+N copies of a SmallCNN (the loop path of the simulator, or N attack runs),
+each with its own optimizer and hyperparameters. Baseline: N torch.optim
+optimizers with ``foreach=True``, stepped one after the other. Fused: one
+:class:`FusedMultiTrajectoryOptimizer` bound to the N copies (one op call).
+Only the optimizer step is timed; gradients are fixed random tensors.
+
+    python -m pytest benchmarks/bench_optim.py --benchmark-only
+    PYTHONPATH=. python benchmarks/bench_optim.py   # plain table of the same figures
+
+Each pytest case also records both medians and the speedup in ``extra_info``
+(shown with ``--benchmark-verbose`` / saved with ``--benchmark-json``).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import pytest
+import torch
+
+from sophon_ext.models import SmallCNN
+from sophon_ext.optim import FusedMultiTrajectoryOptimizer, make_torch_optimizer, resolve_preset, torch_optimizer_kwargs
+
+N_TRAJECTORIES = 8
+# model width -> about 168k and 665k parameters
+WIDTHS = {"cnn168k": 96, "cnn665k": 192}
+PRESETS = ["sgd_momentum", "adam", "adamw"]
+
+
+def _setup(preset: str, width: int, n: int = N_TRAJECTORIES):
+    torch.manual_seed(0)
+    base_model = SmallCNN(width=width, depth=3)
+    rows = [{"lr": 1e-3 * (i + 1), "weight_decay": 1e-4 * i} for i in range(n)]
+    baseline_models = [copy.deepcopy(base_model) for _ in range(n)]
+    fused_models = [copy.deepcopy(base_model) for _ in range(n)]
+    for a, b in zip(baseline_models, fused_models):
+        for p, q in zip(a.parameters(), b.parameters()):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+    baseline = []
+    for model, row in zip(baseline_models, rows):
+        base, merged = resolve_preset(preset, row)
+        kwargs = torch_optimizer_kwargs(base, merged)
+        lr = kwargs.pop("lr")
+        baseline.append(make_torch_optimizer(preset, model.parameters(), lr=lr, hparams={**kwargs, "foreach": True}))
+    fused = FusedMultiTrajectoryOptimizer.from_modules(fused_models, preset, rows)
+
+    def step_baseline():
+        for opt in baseline:
+            opt.step()
+
+    return step_baseline, fused.step, sum(p.numel() for p in base_model.parameters())
+
+
+def _median_seconds(fn, rounds: int = 30, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compare(preset: str, width: int) -> dict:
+    """Median step time of both ways (seconds) and the speedup."""
+    step_baseline, step_fused, size = _setup(preset, width)
+    baseline = _median_seconds(step_baseline)
+    fused = _median_seconds(step_fused)
+    return {"params_per_model": size, "torch_foreach_s": baseline, "fused_s": fused, "speedup": baseline / fused}
+
+
+@pytest.mark.parametrize("model", list(WIDTHS))
+@pytest.mark.parametrize("preset", PRESETS)
+def test_fused_step_vs_torch_foreach(benchmark, preset, model):
+    step_baseline, step_fused, size = _setup(preset, WIDTHS[model])
+    benchmark.group = f"optimizer step, N={N_TRAJECTORIES}: {preset} {model}"
+    baseline = _median_seconds(step_baseline)
+    fused = _median_seconds(step_fused)
+    benchmark.extra_info.update(
+        params_per_model=size, torch_foreach_median_s=baseline, fused_median_s=fused, speedup=baseline / fused
+    )
+    benchmark(step_fused)
+
+
+if __name__ == "__main__":
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N={N_TRAJECTORIES}")
+    print(f"{'preset':14s} {'model':9s} {'params':>8s} {'torch foreach':>14s} {'fused':>10s} {'speedup':>8s}")
+    for preset in PRESETS:
+        for model, width in WIDTHS.items():
+            r = compare(preset, width)
+            print(
+                f"{preset:14s} {model:9s} {r['params_per_model']:8d} {r['torch_foreach_s'] * 1e3:11.2f} ms"
+                f" {r['fused_s'] * 1e3:7.2f} ms {r['speedup']:7.2f}x"
+            )

@@ -1,0 +1,172 @@
+// CPU kernels of the suppression losses: sophon_ext::suppression_loss,
+// sophon_ext::inverse_cross_entropy_reference and their backward ops
+// (schemas in csrc/ops.cpp, maths in suppression_loss_rows.h). Rows run in
+// parallel (at::parallel_for); each row is vectorised with at::vec.
+#define SOPHON_ROW_KERNEL_NAMESPACE baseline
+#include "cpu/suppression_loss_rows.h"
+#include "suppression_loss.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
+namespace sophon_ext::cpu {
+namespace {
+
+using at::Tensor;
+
+const RowKernelSet& row_kernel_set() {
+  // Same rule as ATen's own kernels (honours ATEN_CPU_CAPABILITY).
+  static const RowKernelSet* set = [] {
+    const RowKernelSet* avx2 = avx2_row_kernels();
+    const std::string capability = at::get_cpu_capability();
+    return (avx2 != nullptr && (capability == "AVX2" || capability == "AVX512")) ? avx2 : baseline::row_kernels();
+  }();
+  return *set;
+}
+
+RowDtype row_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return kFloat;
+    case at::kDouble:
+      return kDouble;
+    case at::kHalf:
+      return kHalf;
+    default:
+      return kBFloat16;  // check_loss_logits admits nothing else
+  }
+}
+
+// Validates target values so that no kernel reads outside the row.
+void check_target_values(const char* op, const Tensor& target, int64_t num_classes, int64_t ignore_index) {
+  const int64_t* y = target.const_data_ptr<int64_t>();
+  for (int64_t i = 0, n = target.numel(); i < n; ++i) {
+    TORCH_CHECK_INDEX(y[i] == ignore_index || (y[i] >= 0 && y[i] < num_classes), op, ": target[", i, "] = ", y[i],
+                      " is outside [0, ", num_classes, ") and is not ignore_index (", ignore_index, ")");
+  }
+}
+
+// Contiguous int64 target, checked; undefined when absent.
+Tensor checked_target(const char* op, const std::optional<Tensor>& target, const Tensor& logits, int64_t ignore_index) {
+  if (!target.has_value()) {
+    return Tensor();
+  }
+  check_loss_target(op, *target, logits);
+  Tensor t = target->contiguous();
+  check_target_values(op, t, logits.size(1), ignore_index);
+  return t;
+}
+
+void run_rows(RowRangeFn fn, const RowArgs& args, int64_t rows) {
+  // About 32k logits per task keeps threads busy without tiny chunks.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / args.num_classes);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+}
+
+std::tuple<Tensor, Tensor> suppression_loss_cpu(const Tensor& logits_in, const std::optional<Tensor>& target_in,
+                                                double ice_weight, double klu_weight, int64_t ignore_index) {
+  constexpr const char* op = "sophon_ext::suppression_loss";
+  check_loss_logits(op, logits_in);
+  TORCH_CHECK_VALUE(target_in.has_value() || ice_weight == 0.0, op, ": target is required when ice_weight != 0");
+  const Tensor logits = logits_in.contiguous();
+  const Tensor target = checked_target(op, target_in, logits, ignore_index);
+  const int64_t n = logits.size(0);
+  Tensor loss = at::empty({n}, logits.options());
+  Tensor stats = at::empty({n, 2}, logits.options().dtype(at::kDouble));
+  RowArgs args;
+  args.logits = logits.const_data_ptr();
+  args.target = target.defined() ? target.const_data_ptr<int64_t>() : nullptr;
+  args.loss = loss.data_ptr();
+  args.stats = stats.data_ptr<double>();
+  args.num_classes = logits.size(1);
+  args.ignore_index = ignore_index;
+  args.ice_weight = ice_weight;
+  args.klu_weight = klu_weight;
+  run_rows(row_kernel_set().suppression_forward[row_dtype(logits.scalar_type())], args, n);
+  return {loss, stats};
+}
+
+Tensor suppression_loss_backward_cpu(const Tensor& grad_loss_in, const Tensor& logits_in,
+                                     const std::optional<Tensor>& target_in, const Tensor& stats_in, double ice_weight,
+                                     double klu_weight, int64_t ignore_index) {
+  constexpr const char* op = "sophon_ext::suppression_loss_backward";
+  check_loss_logits(op, logits_in);
+  TORCH_CHECK_VALUE(target_in.has_value() || ice_weight == 0.0, op, ": target is required when ice_weight != 0");
+  check_row_input(op, "grad_loss", grad_loss_in, logits_in, 0);
+  check_row_input(op, "stats", stats_in, logits_in, 2);
+  const Tensor logits = logits_in.contiguous();
+  const Tensor target = checked_target(op, target_in, logits, ignore_index);
+  const Tensor grad_loss = grad_loss_in.to(logits.scalar_type()).contiguous();
+  const Tensor stats = stats_in.to(at::kDouble).contiguous();
+  Tensor grad = at::empty(logits.sizes(), logits.options());
+  RowArgs args;
+  args.logits = logits.const_data_ptr();
+  args.target = target.defined() ? target.const_data_ptr<int64_t>() : nullptr;
+  args.grad_loss = grad_loss.const_data_ptr();
+  args.stats_in = stats.const_data_ptr<double>();
+  args.grad = grad.data_ptr();
+  args.num_classes = logits.size(1);
+  args.ignore_index = ignore_index;
+  args.ice_weight = ice_weight;
+  args.klu_weight = klu_weight;
+  run_rows(row_kernel_set().suppression_backward[row_dtype(logits.scalar_type())], args, logits.size(0));
+  return grad;
+}
+
+std::tuple<Tensor, Tensor> ice_reference_cpu(const Tensor& logits_in, const Tensor& target_in, int64_t ignore_index) {
+  constexpr const char* op = "sophon_ext::inverse_cross_entropy_reference";
+  check_loss_logits(op, logits_in);
+  const Tensor logits = logits_in.contiguous();
+  const Tensor target = checked_target(op, target_in, logits, ignore_index);
+  const int64_t n = logits.size(0);
+  Tensor loss = at::empty({n}, logits.options());
+  Tensor stats = at::empty({n}, logits.options().dtype(at::kDouble));
+  RowArgs args;
+  args.logits = logits.const_data_ptr();
+  args.target = target.const_data_ptr<int64_t>();
+  args.loss = loss.data_ptr();
+  args.stats = stats.data_ptr<double>();
+  args.num_classes = logits.size(1);
+  args.ignore_index = ignore_index;
+  run_rows(row_kernel_set().ice_reference_forward[row_dtype(logits.scalar_type())], args, n);
+  return {loss, stats};
+}
+
+Tensor ice_reference_backward_cpu(const Tensor& grad_loss_in, const Tensor& logits_in, const Tensor& target_in,
+                                  const Tensor& stats_in, int64_t ignore_index) {
+  constexpr const char* op = "sophon_ext::inverse_cross_entropy_reference_backward";
+  check_loss_logits(op, logits_in);
+  check_row_input(op, "grad_loss", grad_loss_in, logits_in, 0);
+  check_row_input(op, "stats", stats_in, logits_in, 0);
+  const Tensor logits = logits_in.contiguous();
+  const Tensor target = checked_target(op, target_in, logits, ignore_index);
+  const Tensor grad_loss = grad_loss_in.to(logits.scalar_type()).contiguous();
+  const Tensor stats = stats_in.to(at::kDouble).contiguous();
+  Tensor grad = at::empty(logits.sizes(), logits.options());
+  RowArgs args;
+  args.logits = logits.const_data_ptr();
+  args.target = target.const_data_ptr<int64_t>();
+  args.grad_loss = grad_loss.const_data_ptr();
+  args.stats_in = stats.const_data_ptr<double>();
+  args.grad = grad.data_ptr();
+  args.num_classes = logits.size(1);
+  args.ignore_index = ignore_index;
+  run_rows(row_kernel_set().ice_reference_backward[row_dtype(logits.scalar_type())], args, logits.size(0));
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sophon_ext, CPU, m) {
+  m.impl("suppression_loss", &suppression_loss_cpu);
+  m.impl("suppression_loss_backward", &suppression_loss_backward_cpu);
+  m.impl("inverse_cross_entropy_reference", &ice_reference_cpu);
+  m.impl("inverse_cross_entropy_reference_backward", &ice_reference_backward_cpu);
+}
+
+}  // namespace sophon_ext::cpu

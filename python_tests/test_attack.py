@@ -1,0 +1,451 @@
+"""The attack harness: end to end, against a plain training loop, every method and
+optimizer, resume, shards, bad input."""
+
+import argparse
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sophon_ext.attack as attack_module
+from sophon_ext import checkpoint, surgery
+from sophon_ext.attack import (
+    GRID_PRESETS, AttackSpec, add_attack_arguments, expand_grid, load_grid, run_attack_cli, run_attacks,
+)
+from sophon_ext.data import ArrayDataset, domain_splits, load_builtin
+from sophon_ext.finetune import ATTACK_METHODS, _train_loop, fine_tune, prepare_attack_model, schedule_factor
+from sophon_ext.lora import LoRAAdapter
+from sophon_ext.models import SmallCNN
+from sophon_ext.optim.presets import PRESETS
+from sophon_ext.tasks import ClassificationTask
+
+TASK = ClassificationTask()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    splits = domain_splits(load_builtin("digits", image_size=8), seed=0)
+    return splits.train.subset(torch.arange(96)), splits.test.subset(torch.arange(48))
+
+
+@pytest.fixture(scope="module")
+def other_domain():
+    """Stands in for the original domain (MNIST takes seconds to load): digits upside down."""
+    splits = domain_splits(load_builtin("digits", image_size=8), seed=1)
+    test = splits.test.subset(torch.arange(40))
+    return ArrayDataset(test.x.flip(-2), test.y)
+
+
+def tiny_model(seed: int, **kwargs) -> SmallCNN:
+    torch.manual_seed(seed)
+    return SmallCNN(width=4, depth=2, **kwargs)
+
+
+def tiny_grid(**overrides) -> dict:
+    grid = {"methods": ["full", "head_only"], "optimizers": ["adam"], "lrs": [1e-2], "batch_sizes": [32], "epochs": [2]}
+    grid.update(overrides)
+    return grid
+
+
+# ---------------------------------------------------------------- end to end
+
+def test_tiny_grid_writes_every_output(digits, other_domain, tmp_path):
+    train, test = digits
+    original = other_domain
+    report = run_attacks(tiny_model(1), tiny_model(2), None, train, test, TASK, tiny_grid(), original_test=original,
+                         out_dir=tmp_path, progress=False)
+    assert report["complete"] and report["task"] == "classification" and report["metric"] == "accuracy"
+    for name in ("report.json", "curves.csv", "summary.md", "curves.png", "heatmap.png", "diagnostics.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["attacks"] == json.loads(json.dumps(report["attacks"]))
+    assert [a["method"] for a in on_disk["attacks"]] == ["full", "head_only"]
+    for attack in on_disk["attacks"]:
+        assert set(attack["curves"]) == {"protected", "unprotected", "scratch"}
+        for curve in attack["curves"].values():
+            assert len(curve["metric"]) == len(curve["loss"]) == attack["epochs"] + 1
+            assert not curve["diverged"]
+        assert set(attack["summary"]) >= {"overhead_ratio", "auc_ratio", "max_gap_vs_scratch"}
+    assert set(on_disk["original_domain"]) == {"protected", "unprotected", "scratch"}
+    assert on_disk["versions"]["torch"] == torch.__version__
+    assert on_disk["seeds"] == [0]
+    assert on_disk["config"]["attacks"][0]["method"] == "full"
+    zero = on_disk["diagnostics"]["zero_fraction"]
+    assert set(zero) == {"protected", "unprotected"} and set(zero["protected"]) == {"original", "restricted"}
+    assert len((tmp_path / "curves.csv").read_text().splitlines()) == 1 + 2 * 3 * 3
+    assert (tmp_path / "runs").is_dir() and len(list((tmp_path / "runs").glob("*.json"))) == 2
+
+
+def test_report_numbers_equal_a_plain_training_loop(digits):
+    """One attack recomputed by hand: SGD + momentum + weight decay, cosine schedule."""
+    train, test = digits
+    protected = tiny_model(3)
+    spec = AttackSpec(method="full", optimizer="sgd_momentum", lr=0.05, batch_size=20, epochs=2,
+                      weight_decay=1e-3, schedule="cosine", seed=7)
+    report = run_attacks(protected, None, None, train, test, TASK, [spec], progress=False, diagnostics=False)
+    curve = report["attacks"][0]["curves"]["protected"]
+
+    model = copy.deepcopy(protected)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    steps_per_epoch, total, step = math.ceil(len(train) / 20), math.ceil(len(train) / 20) * 2, 0
+    generator = torch.Generator().manual_seed(7)
+
+    def evaluate():
+        model.eval()
+        with torch.no_grad():
+            logits = model(test.x)
+        model.train()
+        return (logits.argmax(1) == test.y).sum().item() / len(test), F.cross_entropy(logits, test.y).item()
+
+    accuracy, losses = [evaluate()[0]], [evaluate()[1]]
+    for _ in range(2):
+        order = torch.randperm(len(train), generator=generator)
+        for start in range(0, len(train), 20):
+            for group in optimizer.param_groups:
+                group["lr"] = 0.05 * 0.5 * (1 + math.cos(math.pi * step / total))
+            index = order[start : start + 20]
+            loss = F.cross_entropy(model(train.x[index]), train.y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+        acc, test_loss = evaluate()
+        accuracy.append(acc)
+        losses.append(test_loss)
+    assert step == steps_per_epoch * 2
+    assert curve["metric"] == pytest.approx(accuracy, abs=1e-12)
+    assert curve["loss"] == pytest.approx(losses, rel=1e-5)
+    assert losses[-1] < losses[0]  # the loop did train
+
+
+def test_reinit_head_then_full_equals_a_plain_loop(digits):
+    """Re-initialised head: drawn from Generator(seed) with torch's default init, then Adam on everything."""
+    train, test = digits
+    protected = tiny_model(4)
+    spec = AttackSpec(method="reinit_head", optimizer="adam", lr=1e-2, batch_size=32, epochs=1, seed=3)
+    curve = fine_tune(protected, spec, TASK, train, test)
+
+    model = copy.deepcopy(protected)
+    generator = torch.Generator().manual_seed(3)
+    bound = 1 / math.sqrt(model.head.in_features)
+    with torch.no_grad():
+        model.head.weight.copy_((torch.rand(model.head.weight.shape, generator=generator) * 2 - 1) * bound)
+        model.head.bias.copy_((torch.rand(model.head.bias.shape, generator=generator) * 2 - 1) * bound)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    data_gen = torch.Generator().manual_seed(3)
+    start_acc = (model(test.x).argmax(1) == test.y).sum().item() / len(test)
+    order = torch.randperm(len(train), generator=data_gen)
+    for start in range(0, len(train), 32):
+        index = order[start : start + 32]
+        loss = F.cross_entropy(model(train.x[index]), train.y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    end_acc = (model(test.x).argmax(1) == test.y).sum().item() / len(test)
+    assert curve["metric"] == pytest.approx([start_acc, end_acc], abs=1e-12)
+
+
+# ---------------------------------------------------------------- every method and optimizer
+
+def _changed(before: nn.Module, after: nn.Module) -> set[str]:
+    b = dict(before.named_parameters())
+    return {n for n, p in after.named_parameters() if n in b and not torch.equal(p, b[n])}
+
+
+@pytest.mark.parametrize("method", ATTACK_METHODS)
+def test_every_method_trains_exactly_its_parameters(method, digits):
+    train, test = digits
+    model = tiny_model(5)
+    spec = AttackSpec(method=method, optimizer="adam", lr=1e-2, batch_size=48, epochs=1, layers=1, rank=2)
+    attacked, params = prepare_attack_model(model, spec, TASK, train, test, generator=torch.Generator().manual_seed(0))
+    start = copy.deepcopy(attacked)
+    trainable = {n for n, p in attacked.named_parameters() if p.requires_grad}
+    assert {id(p) for p in params} == {id(p) for n, p in attacked.named_parameters() if n in trainable}
+    curve = _train_loop(attacked, params, spec, TASK, train, test, torch.Generator().manual_seed(0))
+    assert len(curve["metric"]) == 2 and all(math.isfinite(v) for v in curve["metric"])
+    assert _changed(start, attacked) == trainable
+    layers = surgery.parametrised_layers(model)
+    expected = {
+        "full": {n for n, _ in model.named_parameters()},
+        "reinit_head": {n for n, _ in model.named_parameters()},
+        "reinit_layers": {n for n, _ in model.named_parameters()},
+        "head_only": {"head.weight", "head.bias"},
+        "freeze_first": set(surgery.parameter_names(model, layers[1:])),
+        "probe": {"linear.weight", "linear.bias"},
+        "lora": {n for n, _ in attacked.named_parameters() if ".down." in n or ".up." in n},
+    }[method]
+    assert trainable == expected
+    if method == "lora":
+        assert len(expected) == 2 * len(layers)  # an adapter (down, up) on every conv and linear
+    if method == "reinit_layers":  # the first layer was re-drawn before training
+        assert not torch.equal(start.get_submodule(layers[0]).weight, model.get_submodule(layers[0]).weight)
+
+
+OPTIMIZERS = sorted(PRESETS)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_every_optimizer_runs_through_the_harness(optimizer, digits):
+    train, test = digits
+    spec = AttackSpec(method="full", optimizer=optimizer, lr=1e-2, batch_size=48, epochs=1, weight_decay=1e-4)
+    model = tiny_model(6)
+    curve = fine_tune(model, spec, TASK, train, test)
+    assert not curve["diverged"] and len(curve["metric"]) == 2
+    assert curve["train_loss"][1] > 0
+
+
+def test_every_schedule_runs_and_factors_are_right(digits):
+    train, test = digits
+    assert [schedule_factor("constant", 4)(t) for t in range(4)] == [1, 1, 1, 1]
+    assert [schedule_factor("linear", 4)(t) for t in range(4)] == [1, 0.75, 0.5, 0.25]
+    assert [schedule_factor("step", 8)(t) for t in range(8)] == [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01]
+    assert schedule_factor("cosine", 4)(2) == pytest.approx(0.5)
+    for schedule in ("constant", "cosine", "linear", "step"):
+        curve = fine_tune(tiny_model(0), AttackSpec(schedule=schedule, epochs=1, batch_size=48), TASK, train, test)
+        assert not curve["diverged"]
+
+
+def test_default_grid_covers_three_methods_five_optimizers_two_lrs():
+    specs = expand_grid("default")
+    assert len({s.method for s in specs}) >= 3 and len({s.optimizer for s in specs}) >= 5
+    assert len({s.lr for s in specs}) >= 2 and len(specs) == len({s.name for s in specs})
+    paper = expand_grid("paper")
+    assert [(s.method, s.optimizer, s.lr, s.batch_size, s.epochs, s.weight_decay) for s in paper] == [
+        ("full", "sgd_momentum", 1e-4, 200, 20, 1e-4)]
+    assert {s.method for s in expand_grid("methods")} == set(ATTACK_METHODS)
+
+
+def test_grid_config_overrides_explicit_attacks_and_yaml(tmp_path):
+    specs = expand_grid({"preset": "quick", "epochs": 1, "seeds": [0, 1], "attacks": ["lora", {"method": "probe", "layers": 2}]})
+    assert [(s.method, s.seed) for s in specs] == [("full", 0), ("full", 1), ("head_only", 0), ("head_only", 1),
+                                                  ("lora", 0), ("lora", 1), ("probe", 0), ("probe", 1)]
+    assert all(s.epochs == 1 and s.optimizer == "adam" for s in specs) and specs[-1].layers == 2
+    # the demo's form: a list of attacks, with epochs, batch size and seeds for all of them
+    demo = expand_grid({"epochs": [2], "batch_sizes": [16], "seeds": [0, 1, 2],
+                        "attacks": [{"method": "full", "optimizer": "sgd", "lr": 0.1}, {"method": "head_only"}]})
+    assert [(s.method, s.seed, s.epochs, s.batch_size) for s in demo] == [
+        ("full", 0, 2, 16), ("full", 1, 2, 16), ("full", 2, 2, 16),
+        ("head_only", 0, 2, 16), ("head_only", 1, 2, 16), ("head_only", 2, 2, 16)]
+    assert expand_grid({"attacks": [{"method": "full", "optimizer": "sgd"}]})[0].optimizer == "sgd"
+    path = tmp_path / "grid.yaml"
+    path.write_text("method: full\noptimizer: [sgd, nesterov]\nlr: 0.1\nepochs: 1\nschedules: [constant, cosine]\n")
+    specs = load_grid(path)
+    assert [(s.optimizer, s.schedule) for s in specs] == [
+        ("sgd", "constant"), ("sgd", "cosine"), ("nesterov", "constant"), ("nesterov", "cosine")]
+    assert len(expand_grid({"methods": ["full", "full"], "optimizers": ["adam"]})) == 1  # duplicates dropped
+
+
+# ---------------------------------------------------------------- seeds, divergence, resume, shards
+
+def test_same_seed_same_numbers_other_seed_other_numbers(digits):
+    train, test = digits
+    model = tiny_model(8)
+    a = fine_tune(model, AttackSpec(epochs=1, batch_size=16, seed=0), TASK, train, test)
+    b = fine_tune(model, AttackSpec(epochs=1, batch_size=16, seed=0), TASK, train, test)
+    c = fine_tune(model, AttackSpec(epochs=1, batch_size=16, seed=1), TASK, train, test)
+    assert a["loss"] == b["loss"] and a["train_loss"] != c["train_loss"]
+
+
+def test_divergence_is_recorded_and_the_report_stays_valid_json(digits, tmp_path):
+    train, test = digits
+    spec = AttackSpec(method="full", optimizer="sgd", lr=1e12, batch_size=16, epochs=3)
+    report = run_attacks(tiny_model(9), None, None, train, test, TASK, [spec], out_dir=tmp_path, progress=False,
+                         diagnostics=False, plots=False)
+    curve = report["attacks"][0]["curves"]["protected"]
+    assert curve["diverged"] and curve["diverged_at_epoch"] == 1
+    assert curve["metric"][1:] == [None, None, None] and curve["metric"][0] is not None
+    json.loads((tmp_path / "report.json").read_text())  # no NaN written
+    assert "diverged" in (tmp_path / "summary.md").read_text()
+
+
+def test_resume_skips_finished_attacks_and_reruns_only_the_protected_column(digits, tmp_path, monkeypatch):
+    train, test = digits
+    calls = []
+    real = attack_module.fine_tune
+
+    def counting(model, spec, *args, **kwargs):
+        calls.append(spec.name)
+        return real(model, spec, *args, **kwargs)
+
+    monkeypatch.setattr(attack_module, "fine_tune", counting)
+    kwargs = dict(out_dir=tmp_path, progress=False, diagnostics=False, plots=False)
+    first = run_attacks(tiny_model(10), tiny_model(11), None, train, test, TASK, tiny_grid(), **kwargs)
+    assert len(calls) == 2 * 3
+    runs = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").iterdir()}
+    calls.clear()
+    second = run_attacks(tiny_model(10), tiny_model(11), None, train, test, TASK, tiny_grid(), **kwargs)
+    assert calls == [] and second["attacks"] == first["attacks"]
+    assert runs == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").iterdir()}
+    # a new protected model: only its column is trained again
+    third = run_attacks(tiny_model(12), tiny_model(11), None, train, test, TASK, tiny_grid(), **kwargs)
+    assert len(calls) == 2
+    assert [a["curves"]["scratch"] for a in third["attacks"]] == [a["curves"]["scratch"] for a in first["attacks"]]
+    calls.clear()
+    run_attacks(tiny_model(12), tiny_model(11), None, train, test, TASK, tiny_grid(), resume=False, **kwargs)
+    assert len(calls) == 2 * 3
+
+
+def test_shards_split_the_grid_and_the_last_one_writes_the_report(digits, tmp_path):
+    train, test = digits
+    grid = tiny_grid(lrs=[1e-2, 1e-3])
+    kwargs = dict(out_dir=tmp_path, progress=False, diagnostics=False, plots=False)
+    part = run_attacks(tiny_model(13), None, None, train, test, TASK, grid, shard=(1, 2), **kwargs)
+    assert not part["complete"] and len(part["attacks"]) == 2 and not (tmp_path / "report.json").exists()
+    names = [s.name for s in expand_grid(grid)]
+    assert [a["name"] for a in part["attacks"]] == names[1::2]
+    whole = run_attacks(tiny_model(13), None, None, train, test, TASK, grid, shard=(0, 2), **kwargs)
+    assert whole["complete"] and [a["name"] for a in whole["attacks"]] == names
+    alone = run_attacks(tiny_model(13), None, None, train, test, TASK, grid, progress=False, diagnostics=False)
+    def numbers(report):
+        return [{k: (c["metric"], c["loss"]) for k, c in a["curves"].items()} for a in report["attacks"]]
+
+    assert numbers(alone) == numbers(whole)
+    with pytest.raises(ValueError, match="shard"):
+        run_attacks(tiny_model(13), None, None, train, test, TASK, grid, shard=(2, 2))
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_unknown_method_optimizer_schedule_or_grid_key_are_clear_errors():
+    with pytest.raises(ValueError, match="method: unknown attack method 'finetune'"):
+        expand_grid({"methods": ["finetune"], "optimizers": ["adam"]})
+    with pytest.raises(ValueError, match="optimizer: unknown name 'adamax'"):
+        expand_grid({"methods": ["full"], "optimizers": ["adamax"]})
+    with pytest.raises(ValueError, match="schedule"):
+        AttackSpec(schedule="warmup")
+    with pytest.raises(ValueError, match="grid: unknown key 'learning_rate'"):
+        expand_grid({"learning_rate": [0.1]})
+    with pytest.raises(ValueError, match="grid preset"):
+        expand_grid("huge")
+    with pytest.raises(ValueError, match="lr"):
+        AttackSpec(lr=0)
+    with pytest.raises(TypeError, match="epochs"):
+        AttackSpec(epochs=2.5)
+
+
+def test_labels_the_kept_head_cannot_take_are_a_clear_error(digits):
+    train, test = digits
+    five_class = tiny_model(14, num_classes=5)
+    with pytest.raises(ValueError, match="keeps the model's head.*labels"):
+        fine_tune(five_class, AttackSpec(method="full", epochs=1), TASK, train, test)
+    # a new head is sized to the restricted labels
+    curve = fine_tune(five_class, AttackSpec(method="reinit_head", epochs=1), TASK, train, test)
+    assert not curve["diverged"]
+
+
+class _NoHeadTask(ClassificationTask):
+    has_head = False
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = tiny_model(15)
+
+    def forward(self, x):
+        return 2 * self.body(x)
+
+
+@pytest.mark.parametrize("method", ["reinit_head", "head_only", "probe"])
+def test_head_methods_need_a_head(method, digits):
+    train, test = digits
+    with pytest.raises(ValueError, match="needs a classifier head"):
+        fine_tune(tiny_model(15), AttackSpec(method=method, epochs=1), _NoHeadTask(), train, test)
+    with pytest.raises(ValueError, match="output is the model's output"):
+        fine_tune(_Scaled(), AttackSpec(method=method, epochs=1), TASK, train, test)
+
+
+def test_another_architecture_is_a_clear_error(digits, tmp_path):
+    train, test = digits
+    with pytest.raises(ValueError, match="unprotected: architecture differs"):
+        run_attacks(tiny_model(16), SmallCNN(width=8, depth=2), None, train, test, TASK, tiny_grid(), progress=False)
+    plain = tmp_path / "plain.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(tiny_model(16).state_dict(), str(plain))
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit the architecture small_cnn"):
+        attack_module.load_model_file(plain, "small_cnn", {"width": 16})
+    assert isinstance(attack_module.load_model_file(plain, "small_cnn", {"width": 4, "depth": 2}), SmallCNN)
+
+
+# ---------------------------------------------------------------- command line
+
+def _parse(argv):
+    return add_attack_arguments(argparse.ArgumentParser()).parse_args(argv)
+
+
+def test_cli_runs_a_grid_from_model_files(tmp_path, capsys):
+    spec = {"name": "small_cnn", "kwargs": {"width": 4, "depth": 2}}
+    checkpoint.save_model(tmp_path / "protected.safetensors", tiny_model(17), spec)
+    checkpoint.save_model(tmp_path / "unprotected.safetensors", tiny_model(18), spec)
+    (tmp_path / "grid.yaml").write_text("attack_grid:\n  methods: [full]\n  optimizers: [adam]\n  lrs: [0.01]\n"
+                                        "  batch_sizes: [256]\n  epochs: [1]\n")
+    args = _parse(["--protected", str(tmp_path / "protected.safetensors"), "--unprotected",
+                   str(tmp_path / "unprotected.safetensors"), "--config", str(tmp_path / "grid.yaml"),
+                   "--image-size", "8", "--out", str(tmp_path / "out"), "--no-progress", "--no-plots"])
+    assert run_attack_cli(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["config"]["restricted"] == "builtin:digits" and len(report["attacks"]) == 1
+    assert set(report["attacks"][0]["curves"]) == {"protected", "unprotected", "scratch"}
+    # the scratch model is the spec's architecture built from the attack's seed
+    torch.manual_seed(0)
+    assert report["config"]["models"]["scratch"]["0"] == attack_module.state_fingerprint(SmallCNN(width=4, depth=2))
+
+    bad = _parse(["--protected", str(tmp_path / "protected.safetensors"), "--preset", "nope", "--out", str(tmp_path / "o2")])
+    assert run_attack_cli(bad) == 2
+    assert "grid preset: unknown preset 'nope'" in capsys.readouterr().err
+    assert run_attack_cli(_parse(["--protected", str(tmp_path / "missing.safetensors")])) == 2
+    with pytest.raises(ValueError, match="RANK/WORLD"):
+        attack_module._parse_shard("1of2")
+
+
+def test_paper_and_default_presets_are_well_formed():
+    for name in GRID_PRESETS:
+        assert expand_grid(name)
+
+
+def test_task_plugin_with_lower_is_better_metric_runs(digits):
+    """The harness asks the task for its metric name and direction (generation plugs in the same way)."""
+    pytest.importorskip("sophon_ext.unet")
+    from sophon_ext.tasks import make_task
+    from sophon_ext.unet import TinyUNet
+
+    train, test = digits
+    task = make_task("generation", num_timesteps=50)
+    images = (ArrayDataset(train.x[:32], train.y[:32]), ArrayDataset(test.x[:16], test.y[:16]))
+
+    def unet():
+        return TinyUNet(base_channels=8, channel_mults=(1,), attention_resolutions=(), image_size=8, groups=4)
+
+    torch.manual_seed(0)
+    report = run_attacks(unet(), None, unet, *images, task, {"methods": ["full", "lora"], "optimizers": ["adam"],
+                         "epochs": 1, "batch_sizes": 16}, progress=False, diagnostics=False)
+    assert report["metric"] == "denoising_loss" and report["higher_is_better"] is False
+    assert all(math.isfinite(a["curves"]["protected"]["metric"][-1]) for a in report["attacks"])
+    with pytest.raises(ValueError, match="needs a classifier head"):
+        run_attacks(unet(), None, unet, *images, task, {"methods": ["head_only"], "optimizers": ["adam"], "epochs": 1},
+                    progress=False, diagnostics=False)
+
+
+def test_jobs_run_attacks_in_processes_with_the_same_numbers(digits, tmp_path):
+    train, test = digits
+    grid = tiny_grid(epochs=[1])
+    parallel = run_attacks(tiny_model(19), None, None, train, test, TASK, grid, out_dir=tmp_path, jobs=2,
+                           progress=False, diagnostics=False, plots=False)
+    serial = run_attacks(tiny_model(19), None, None, train, test, TASK, grid, progress=False, diagnostics=False)
+    for a, b in zip(parallel["attacks"], serial["attacks"]):
+        assert a["name"] == b["name"]
+        assert {k: c["metric"] for k, c in a["curves"].items()} == {k: c["metric"] for k, c in b["curves"].items()}
+    with pytest.raises(ValueError, match="needs out_dir"):
+        run_attacks(tiny_model(19), None, None, train, test, TASK, grid, jobs=2, progress=False)
+
+
+def test_unknown_attack_field_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"grid attacks: unknown attack fields \['learning_rate'\]"):
+        expand_grid({"attacks": [{"method": "full", "learning_rate": 0.1}]})
+    with pytest.raises(TypeError, match="grid attacks"):
+        expand_grid({"attacks": [3]})

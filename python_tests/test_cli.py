@@ -1,0 +1,136 @@
+"""The `sophon` command: smoke runs through a subprocess, options and errors in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sophon_ext.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if (ROOT / "sophon_ext").is_dir() and Path.cwd() == ROOT:
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "sophon_ext", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    proc = run_cli("demo", "--quick", "--no-progress", "--out", str(out))
+    return out, proc
+
+
+def test_demo_quick_writes_report_models_and_log(quick_demo):
+    out, proc = quick_demo
+    assert proc.returncode == 0, proc.stderr
+    assert "protection check:" in proc.stdout and "original-domain accuracy" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema_version"] == 1 and report["task"] == "classification" and report["metric"] == "accuracy"
+    attack = report["attacks"][0]
+    assert set(attack["curves"]) == {"protected", "unprotected", "scratch"}
+    assert len(attack["curves"]["protected"]["metric"]) == attack["epochs"] + 1
+    assert {"protected", "unprotected", "scratch"} <= set(report["original_domain"])
+    assert report["protection"]["iterations"] == 3 and "checks" in report and "timings" in report
+    for name in ("curves.png", "pretrained.safetensors", "protected.safetensors", "config.yaml", "protect/log.jsonl"):
+        assert (out / name).is_file(), name
+    assert len((out / "protect/log.jsonl").read_text().splitlines()) == 3
+
+
+def write_small_domains(directory: Path) -> dict:
+    """Two tiny synthetic .npz domains and a config using them (no built-in data to load)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name in ("original", "restricted"):
+        prototypes = rng.normal(size=(4, 1, 8, 8)).astype(np.float32)
+        y = rng.integers(0, 4, size=200)
+        np.savez(directory / f"{name}.npz", x=prototypes[y] + rng.normal(size=(200, 1, 8, 8)).astype(np.float32), y=y)
+    config = {
+        "data": {side: {"source": "arrays", "path": str(directory / f"{side}.npz"), "image_size": 8}
+                 for side in ("original", "restricted")},
+        "model": {"kwargs": {"width": 4, "depth": 2}},
+        "pretrain": {"epochs": 1},
+        "protect": {"iterations": 2, "inner_steps": 2, "pool_size": 64, "query_size": 8, "checkpoint_every": 1,
+                    "simulate_path": "loop", "strategies": [{"optimizer": "adam", "batch_size": 8},
+                                                            {"optimizer": "sgd", "batch_size": 8, "method": "reinit_head"}]},
+    }
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return {"config": str(path)}
+
+
+def test_pretrain_protect_then_resume_through_the_cli(tmp_path, capsys):
+    files = write_small_domains(tmp_path)
+    assert main(["pretrain", "--config", files["config"], "--no-progress", "--out", str(tmp_path / "pre")]) == 0
+    assert "sophon pretrain: test accuracy" in capsys.readouterr().out
+    out = tmp_path / "prot"
+    assert main(["protect", "--config", files["config"], "--no-progress", "--out", str(out),
+                 "--weights", str(tmp_path / "pre" / "pretrained.safetensors")]) == 0
+    assert "2 iterations" in capsys.readouterr().out
+    proc = run_cli("protect", "--resume", "--no-progress", "--out", str(out), "--iterations", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "4 iterations" in proc.stdout
+    log = [json.loads(line) for line in (out / "protect/log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log] == [1, 2, 3, 4]
+    assert (out / "protected.safetensors").is_file()
+
+
+def test_help_of_every_command(capsys):
+    for command in ([], ["demo"], ["pretrain"], ["protect"], ["attack"], ["config"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--help"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        assert "usage: sophon" in text
+    proc = run_cli("--help", timeout=120)
+    assert proc.returncode == 0 and "demo" in proc.stdout and "protect" in proc.stdout
+
+
+def test_config_command_prints_and_writes(capsys, tmp_path):
+    assert main(["config", "--set", "protect.alpha=2e-3", "--seed", "9"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["protect"]["alpha"] == 2e-3 and printed["seed"] == 9
+    assert main(["config", "--output", str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["mode"] == "classification"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["config", "--set", "protect.alpha=-1"], "protect.alpha: must be > 0"),
+        (["config", "--set", "protect.nope=1"], "protect.nope: unknown key"),
+        (["config", "--config", "absent.yaml"], "no file"),
+        (["protect", "--no-progress"], "model.weights: protect needs a pre-trained model"),
+        (["protect", "--resume", "--out", "nowhere"], "nothing to resume"),
+        (["protect", "--weights", "absent.safetensors"], "model file: no file"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_problem(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_is_reported_and_kept(tmp_path, capsys):
+    from sophon_ext import checkpoint as ckpt
+
+    directory = tmp_path / "protect" / "checkpoint"
+    ckpt.save_checkpoint(directory, {"x": ckpt.torch.ones(3)}, {"config": {}})
+    index = json.loads((directory / "checkpoint.json").read_text())
+    tensor_file = directory / index["tensor_file"]
+    tensor_file.write_bytes(tensor_file.read_bytes()[:-4])
+    before = tensor_file.read_bytes()
+    assert main(["protect", "--resume", "--out", str(tmp_path)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert tensor_file.read_bytes() == before  # nothing overwrote it

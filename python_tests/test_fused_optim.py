@@ -1,0 +1,233 @@
+"""The fused multi-trajectory update vs the functional optimizers and torch.optim."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sophon_ext.models import SmallCNN
+from sophon_ext.optim import FusedMultiTrajectoryOptimizer, get_functional_optimizer, make_torch_optimizer, torch_optimizer_kwargs
+from sophon_ext.optim.fused import _check_arguments, multi_step_update_op
+
+# (kind, nesterov) pairs; sgd covers plain, momentum+dampening and Nesterov rows
+KINDS = [("sgd", False), ("sgd", True), ("adam", False), ("adamw", False), ("lion", False)]
+STATE_NAMES = {"sgd": ("momentum_buffer", None), "adam": ("exp_avg", "exp_avg_sq"),
+               "adamw": ("exp_avg", "exp_avg_sq"), "lion": ("exp_avg", None)}
+# 1 and 37 are not multiples of any SIMD width; 1030 spans several vectors
+SIZES = [(1, 1), (3, 37), (5, 1030)]
+
+
+def _random_hparams(n: int, kind: str, nesterov: bool, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def uniform(lo, hi):
+        return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
+
+    hp = {
+        "lr": uniform(0.01, 0.2),
+        "momentum": uniform(0.1, 0.95),
+        "dampening": torch.zeros(n, dtype=torch.float64) if nesterov else uniform(0.0, 0.5),
+        "beta1": uniform(0.3, 0.95),  # both sides of torch's lerp branch at 0.5
+        "beta2": uniform(0.9, 0.999),
+        "weight_decay": uniform(0.0, 0.2),
+        "eps": uniform(1e-8, 1e-3),
+    }
+    hp["weight_decay"][0] = 0.0  # the no-decay branch
+    if kind == "sgd" and not nesterov and n > 1:
+        hp["momentum"][1] = 0.0  # plain SGD row among momentum rows
+    return hp
+
+
+def _run_functional_rows(kind, nesterov, params, grads_seq, hp):
+    """Each trajectory through the functional optimizer on its own, with float hyperparameters."""
+    opt = get_functional_optimizer(kind)
+    rows = []
+    for i in range(params.shape[0]):
+        row_hp = {k: hp[k][i].item() for k in opt.defaults if k in hp}
+        if kind == "sgd":
+            row_hp["nesterov"] = nesterov
+        p, state = {"flat": params[i]}, opt.init({"flat": params[i]})
+        for grads in grads_seq:
+            p, state = opt.step(p, {"flat": grads[i]}, state, row_hp)
+        rows.append((p["flat"], state))
+    return rows
+
+
+@pytest.mark.parametrize("kind,nesterov", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,size", SIZES)
+def test_op_matches_functional_optimizer_per_trajectory(kind, nesterov, dtype, n, size):
+    gen = torch.Generator().manual_seed(hash((kind, nesterov, n, size)) % 2**31)
+    params = torch.randn(n, size, generator=gen, dtype=dtype)
+    grads_seq = [torch.randn(n, size, generator=gen, dtype=dtype) for _ in range(3)]
+    hp = _random_hparams(n, kind, nesterov, gen)
+    state1, state2 = torch.randn_like(params), torch.randn_like(params)  # garbage: must be overwritten/ignored
+    first, second = STATE_NAMES[kind]
+    state1.zero_()
+    if second is not None:
+        state2.zero_()
+    step = torch.zeros(n, dtype=dtype)
+    fused_params = params.clone()
+    for grads in grads_seq:
+        multi_step_update_op(fused_params, grads, state1, state2, step, *hp.values(), kind, nesterov)
+
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-6}
+    opt = get_functional_optimizer(kind)
+    for i, (p_ref, state_ref) in enumerate(_run_functional_rows(kind, nesterov, params, grads_seq, hp)):
+        torch.testing.assert_close(fused_params[i], p_ref, **tol)
+        if kind == "sgd" and hp["momentum"][i] == 0:
+            assert torch.equal(state1[i], torch.zeros(size, dtype=dtype))  # plain SGD keeps no buffer
+        else:
+            torch.testing.assert_close(state1[i], state_ref[opt.state_key(first, "flat")], **tol)
+        if second is not None:
+            torch.testing.assert_close(state2[i], state_ref[opt.state_key(second, "flat")], **tol)
+    assert torch.equal(step, torch.full((n,), 3.0, dtype=dtype))
+    assert not torch.equal(fused_params, params)
+
+
+def test_plain_sgd_needs_no_state_buffers():
+    params, grads = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    hp = _random_hparams(2, "sgd", False, torch.Generator().manual_seed(0))
+    hp["momentum"].zero_()
+    expected = params - hp["lr"][:, None] * (grads + hp["weight_decay"][:, None] * params)
+    empty = torch.empty(0, dtype=torch.float64)
+    multi_step_update_op(params, grads, empty, empty, torch.zeros(2, dtype=torch.float64), *hp.values(), "sgd", False)
+    torch.testing.assert_close(params, expected, rtol=1e-14, atol=1e-14)
+    hp["momentum"][1] = 0.9
+    with pytest.raises(ValueError, match=r"momentum must be 0 when state1 \(momentum buffers\) is empty.*trajectory 1"):
+        multi_step_update_op(params, grads, empty, empty, torch.zeros(2, dtype=torch.float64), *hp.values(), "sgd", False)
+
+
+@pytest.mark.parametrize("kind,nesterov", [("sgd", True), ("adamw", False)])
+def test_opcheck(kind, nesterov):
+    gen = torch.Generator().manual_seed(1)
+    n, size = 3, 19
+    args = (torch.randn(n, size, generator=gen), torch.randn(n, size, generator=gen), torch.zeros(n, size),
+            torch.zeros(n, size), torch.zeros(n), *_random_hparams(n, kind, nesterov, gen).values(), kind, nesterov)
+    torch.library.opcheck(torch.ops.sophon_ext.multi_step_update_.default, args)
+
+
+def _models(n: int):
+    torch.manual_seed(0)
+    base = SmallCNN(width=4, depth=2)
+    return [copy.deepcopy(base) for _ in range(n)], torch.randn(n, 6, 1, 8, 8), torch.randint(0, 10, (n, 6))
+
+
+@pytest.mark.parametrize("preset", ["nesterov", "adam", "adamw", "lion"])
+def test_bound_modules_train_like_separate_torch_optimizers(preset):
+    n = 3
+    rows = [{"lr": 0.01 * (i + 1), "weight_decay": 0.01 * i} for i in range(n)]
+    fused_models, x, y = _models(n)
+    ref_models = copy.deepcopy(fused_models)
+    fused = FusedMultiTrajectoryOptimizer.from_modules(fused_models, preset, rows)
+    refs = [make_torch_optimizer(preset, m.parameters(), **_split(preset, row)) for m, row in zip(ref_models, rows)]
+    for step in range(4):
+        if step == 2:
+            for m in fused_models:
+                m.zero_grad(set_to_none=True)  # breaks the .grad binding: step() must re-bind
+        else:
+            fused.zero_grad()
+        for i, (m, ref, opt) in enumerate(zip(fused_models, ref_models, refs)):
+            torch.nn.functional.cross_entropy(m(x[i]), y[i]).backward()
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(ref(x[i]), y[i]).backward()
+            opt.step()
+        fused.step()
+    for m, ref in zip(fused_models, ref_models):
+        for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    assert fused_models[0].head.weight.data_ptr() == fused.params["head.weight"][0].data_ptr()
+
+
+def _split(preset, row):
+    from sophon_ext.optim import resolve_preset
+
+    base, merged = resolve_preset(preset, row)
+    kwargs = torch_optimizer_kwargs(base, merged)
+    return {"lr": kwargs.pop("lr"), "hparams": {k: v for k, v in kwargs.items() if k not in merged or k in row}}
+
+
+def test_stacked_params_and_functional_state_round_trip():
+    gen = torch.Generator().manual_seed(4)
+    params = {"w": torch.randn(2, 3, 4, generator=gen, dtype=torch.float64), "b": torch.randn(2, 4, generator=gen, dtype=torch.float64)}
+    hp = {"lr": [0.1, 0.2], "beta1": torch.tensor([0.9, 0.5], dtype=torch.float64), "weight_decay": 0.1}
+    fused = FusedMultiTrajectoryOptimizer(params, "adam", hp)
+    grads = [{k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in params.items()} for _ in range(2)]
+    for g in grads:
+        fused.step(g)
+    opt = get_functional_optimizer("adam")
+    state = torch.func.vmap(opt.init)(params)
+    stacked_hp = {"lr": torch.tensor([0.1, 0.2], dtype=torch.float64), "beta1": torch.tensor([0.9, 0.5], dtype=torch.float64), "weight_decay": torch.tensor([0.1, 0.1], dtype=torch.float64)}
+    ref = params
+    for g in grads:
+        ref, state = torch.func.vmap(opt.step)(ref, g, state, stacked_hp)
+    for k in params:
+        torch.testing.assert_close(fused.params[k], ref[k], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused.functional_state(), state, rtol=1e-12, atol=1e-12)
+
+
+def _op_args(kind="adam", n=2, size=5, dtype=torch.float32, **override):
+    args = {"params": torch.zeros(n, size, dtype=dtype), "grads": torch.zeros(n, size, dtype=dtype),
+            "state1": torch.zeros(n, size, dtype=dtype), "state2": torch.zeros(n, size, dtype=dtype),
+            "step": torch.zeros(n, dtype=dtype)}
+    args.update(_random_hparams(n, kind, False, torch.Generator().manual_seed(0)))
+    args.update(override)
+    return list(args.values())
+
+
+@pytest.mark.parametrize(
+    "kind,override,error,match",
+    [
+        ("nadam", {}, ValueError, r"unknown kind 'nadam'; accepted: 'adam', 'adamw', 'lion', 'sgd'"),
+        ("adam", {"lr": torch.tensor([0.1, -0.5], dtype=torch.float64)}, ValueError, r"lr must be >= 0 for every trajectory, got -0.5 at trajectory 1"),
+        ("adam", {"beta2": torch.tensor([0.9, 1.0], dtype=torch.float64)}, ValueError, r"beta2 must be in \[0, 1\)"),
+        ("adam", {"grads": torch.zeros(2, 4)}, ValueError, r"grads must have the shape of params \[2, 5\], got \[2, 4\]"),
+        ("adam", {"grads": torch.zeros(2, 5, dtype=torch.float64)}, TypeError, "grads must have dtype"),
+        ("adam", {"state2": torch.zeros(2, 3)}, ValueError, r"state2 \(exp_avg_sq\) must have the shape of params"),
+        ("adam", {"params": torch.zeros(2, 5, dtype=torch.int64)}, TypeError, "params must be float32 or float64"),
+        ("adam", {"params": torch.zeros(10)}, ValueError, "params must be 2-D"),
+        ("adam", {"params": torch.zeros(5, 2).t()}, ValueError, "params must be contiguous"),
+        ("adam", {"lr": torch.zeros(3)}, ValueError, r"lr must have shape \[2\] \(one value per trajectory\)"),
+        ("adam", {"eps": torch.zeros(2, dtype=torch.int64)}, TypeError, "eps must be a floating-point tensor"),
+    ],
+)
+def test_op_rejects_bad_input_with_clear_errors(kind, override, error, match):
+    with pytest.raises(error, match=match):
+        multi_step_update_op(*_op_args(kind if kind in ("adam", "sgd") else "adam", **override), kind, False)
+
+
+def test_op_rejects_nesterov_outside_sgd_and_without_momentum():
+    with pytest.raises(ValueError, match="nesterov applies only to kind 'sgd'"):
+        multi_step_update_op(*_op_args("adam"), "adam", True)
+    args = _op_args("sgd")
+    args[6][0] = 0.0  # momentum of trajectory 0
+    with pytest.raises(ValueError, match="momentum must be > 0 with nesterov"):
+        multi_step_update_op(*args, "sgd", True)
+
+
+def test_device_mismatch_is_reported():
+    # the Python checks mirror the C++ ones; a second device is simulated with "meta"
+    args = _op_args("adam")
+    hps = dict(zip(("lr", "momentum", "dampening", "beta1", "beta2", "weight_decay", "eps"), args[5:]))
+    with pytest.raises(ValueError, match="grads must be on device cpu like params, got meta"):
+        _check_arguments(args[0], args[1].to("meta"), args[2], args[3], args[4], hps, "adam", False)
+
+
+def test_wrapper_rejects_bad_configuration():
+    params = {"w": torch.zeros(2, 3)}
+    with pytest.raises(ValueError, match=r"has no fused update; accepted bases: \['adam', 'adamw', 'lion', 'sgd'\]"):
+        FusedMultiTrajectoryOptimizer(params, "rmsprop")
+    with pytest.raises(ValueError, match="unknown name 'bogus'"):
+        FusedMultiTrajectoryOptimizer(params, "bogus")
+    with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['momentum'\]"):
+        FusedMultiTrajectoryOptimizer(params, "adam", {"momentum": 0.9})
+    with pytest.raises(ValueError, match=r"hp\['lr'\]: must be >= 0.*-1"):
+        FusedMultiTrajectoryOptimizer(params, "sgd", [{"lr": 0.1}, {"lr": -1.0}])
+    with pytest.raises(ValueError, match="expected one dict per trajectory"):
+        FusedMultiTrajectoryOptimizer(params, "sgd", [{"lr": 0.1}])
+    with pytest.raises(ValueError, match="must be the same for every trajectory"):
+        FusedMultiTrajectoryOptimizer(params, "sgd", [{"momentum": 0.9, "nesterov": True}, {"momentum": 0.9, "nesterov": False}])
+    with pytest.raises(ValueError, match=r"expected a number or 2 values"):
+        FusedMultiTrajectoryOptimizer(params, "sgd", {"lr": [0.1, 0.2, 0.3]})
+    with pytest.raises(ValueError, match=r"params\['b'\]: every tensor must be \(N=2"):
+        FusedMultiTrajectoryOptimizer({"w": torch.zeros(2, 3), "b": torch.zeros(3)}, "sgd")

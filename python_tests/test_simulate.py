@@ -1,0 +1,280 @@
+"""simulate() against the plain deepcopy + torch.optim loop, float64, every method x optimizer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sophon_ext import FineTuneStrategy, simulate
+from sophon_ext._simulate_reference import simulate_sequential
+from sophon_ext.models import SmallCNN
+from sophon_ext.optim.presets import PRESETS
+from sophon_ext.surgery import METHODS
+from sophon_ext.tasks.base import weighted_mean
+
+DTYPE = torch.float64
+
+
+def cross_entropy(output, targets, weight=None):
+    return weighted_mean(F.cross_entropy(output, targets, reduction="none"), weight)
+
+
+def kl_uniform(output, targets, weight=None):
+    # a label-free suppression loss in plain torch (SOPHON's KLU)
+    values = torch.logsumexp(output, dim=-1) - output.mean(dim=-1)
+    return weighted_mean(values, weight)
+
+
+def pool(n=48, channels=1, size=6, classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, size, size, generator=g, dtype=DTYPE)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return (x,), y
+
+
+class TinyBNNet(nn.Module):
+    """conv (no bias: BatchNorm would cancel it, leaving a gradient of pure rounding
+    noise whose sign Lion would follow) + BatchNorm, conv, linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(3, 3, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(3, 10)
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def tiny_cnn(norm="batch", seed=0):
+    torch.manual_seed(seed)
+    model = TinyBNNet() if norm == "batch" else SmallCNN(width=3, depth=2)
+    return model.to(DTYPE)
+
+
+def scale_first_conv(params, generator):
+    # a custom surgery: a transform of theta (keeps a meta-gradient) plus a fresh bias
+    return {
+        "features.0.weight": params["features.0.weight"] * 0.5,
+        "head.bias": torch.randn(params["head.bias"].shape, generator=generator, dtype=DTYPE),
+    }
+
+
+def flip(inputs):
+    return (inputs[0].flip(-1),)
+
+
+def every_method_and_optimizer(batch_size=5, steps=3):
+    """One strategy per (optimizer preset, method), custom surgery with an input transform included."""
+    out = []
+    lrs = {"adadelta": 0.5, "sgd": 0.1}
+    for i, optimizer in enumerate(sorted(PRESETS)):
+        for j, method in enumerate(METHODS + ("custom",)):
+            extra = {}
+            if method in ("reinit_layers", "freeze_first"):
+                extra["layers"] = 1 + (i + j) % 2  # a count of first layers
+            if method == "custom":
+                extra.update(surgery=scale_first_conv, input_transform=flip)
+            hparams = {"weight_decay": 0.01} if optimizer in ("sgd_momentum", "adam", "rmsprop") else {}
+            out.append(FineTuneStrategy(optimizer, lrs.get(optimizer, 1e-2), batch_size, steps, method,
+                                        hparams=hparams, seed=100 + 7 * i + j, **extra))
+    return out
+
+
+def assert_matches_reference(model, strategies, data, result, query_size, seed, loss=kl_uniform, adapt=cross_entropy):
+    losses, meta, adapted = simulate_sequential(model, strategies, data, adapt, loss,
+                                                query_size=query_size, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(result.query_losses, losses.to(result.query_losses.dtype), rtol=1e-5, atol=1e-9)
+    for name, grad in meta.items():
+        torch.testing.assert_close(result.meta_grad[name], grad, rtol=1e-5, atol=1e-9, msg=lambda m: f"{name}: {m}")
+    for i, params in enumerate(adapted):
+        for name, value in params.items():
+            torch.testing.assert_close(result.params[name][i], value, rtol=1e-5, atol=1e-9,
+                                       msg=lambda m: f"trajectory {i} ({strategies[i]}) {name}: {m}")
+
+
+@pytest.mark.parametrize("path", ["vmap", "loop"])
+def test_every_method_and_optimizer_matches_the_sequential_loop(path):
+    model, data = tiny_cnn(), pool()
+    strategies = every_method_and_optimizer()
+    result = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, path=path,
+                      generator=torch.Generator().manual_seed(3), return_params=True)
+    assert result.query_losses.shape == (len(strategies), 3)
+    assert result.path == path
+    assert_matches_reference(model, strategies, data, result, 4, seed=3)
+
+
+@pytest.mark.parametrize("path", ["vmap", "chunked", "loop", "auto"])
+def test_mixed_batch_sizes_run_padded_and_match(path):
+    # no BatchNorm: batch sizes 3, 6 and 9 share one padded, weighted batch
+    model, data = tiny_cnn(norm="none", seed=1), pool(seed=1)
+    strategies = [FineTuneStrategy("sgd_momentum", 0.05, b, 4, m, seed=b) for b, m in
+                  [(3, "full"), (6, "reinit_head"), (9, "head_only"), (6, "full")]]
+    result = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=5, path=path, chunk_size=3 if path == "chunked" else None,
+                      generator=torch.Generator().manual_seed(4), return_params=True)
+    assert result.path == path or path == "auto"
+    assert_matches_reference(model, strategies, data, result, 5, seed=4)
+
+
+def test_reinitialised_parameters_get_no_meta_gradient_and_frozen_ones_stay():
+    model, data = tiny_cnn(norm="none"), pool()
+    strategies = [FineTuneStrategy("adamw", 1e-2, 6, 2, "reinit_head", seed=s) for s in range(2)]
+    strategies.append(FineTuneStrategy("adamw", 1e-2, 6, 2, "freeze_first", layers=["features.0"], seed=5))
+    result = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, generator=torch.Generator().manual_seed(0),
+                      return_params=True)
+    head = dict(model.named_parameters())
+    # two of three trajectories re-initialise the head: only the third contributes
+    only_third = simulate(model, strategies[2:], data, cross_entropy, kl_uniform, query_size=4, path="loop",
+                          generator=torch.Generator().manual_seed(0))
+    assert result.meta_grad["head.weight"].abs().sum() > 0
+    # decoupled weight decay would move frozen parameters: the mask keeps them exactly
+    assert torch.equal(result.params["features.0.weight"][2], head["features.0.weight"])
+    # different seeds, different heads
+    assert not torch.equal(result.params["head.weight"][0], result.params["head.weight"][1])
+    strategies_all_reinit = strategies[:2]
+    reinit_only = simulate(model, strategies_all_reinit, data, cross_entropy, kl_uniform, query_size=4)
+    assert torch.count_nonzero(reinit_only.meta_grad["head.weight"]) == 0
+    assert torch.count_nonzero(reinit_only.meta_grad["features.0.weight"]) > 0
+    assert only_third.query_losses.shape == (1, 2)
+
+
+def test_batchnorm_running_statistics_and_mode_are_unchanged():
+    model, data = tiny_cnn(norm="batch"), pool()
+    with torch.no_grad():  # non-trivial running statistics to compare
+        model.train()(data[0][0])
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    strategies = [FineTuneStrategy("sgd", 0.1, 8, 3), FineTuneStrategy("adam", 1e-2, 8, 3, "reinit_head")]
+    for path in ("vmap", "loop"):
+        simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, path=path, order="first")
+        simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, path=path, order="second")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not model.training and all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_same_generator_seed_same_result_and_paths_agree():
+    model, data = tiny_cnn(), pool()
+    strategies = [FineTuneStrategy("nesterov", 0.05, 6, 4, "reinit_head", seed=2), FineTuneStrategy("rmsprop", 1e-3, 6, 4)]
+    runs = [simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, path=p,
+                     generator=torch.Generator().manual_seed(9)) for p in ("vmap", "vmap", "loop")]
+    assert torch.equal(runs[0].query_losses, runs[1].query_losses)
+    torch.testing.assert_close(runs[0].query_losses, runs[2].query_losses, rtol=1e-10, atol=0)
+    other = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, generator=torch.Generator().manual_seed(10))
+    assert not torch.equal(other.query_losses, runs[0].query_losses)
+
+
+class TwoInputDenoiser(nn.Module):
+    """A generation-style model(x_t, t): predicts noise from a noisy vector and a timestep."""
+
+    def __init__(self, dim=6, steps=10):
+        super().__init__()
+        self.embed = nn.Embedding(steps, dim)
+        self.body = nn.Sequential(nn.Linear(dim, 8), nn.Tanh(), nn.Linear(8, dim))
+
+    def forward(self, x_t, t):
+        return self.body(x_t + self.embed(t))
+
+
+def mse(output, targets, weight=None):
+    return weighted_mean(((output - targets) ** 2).mean(dim=-1), weight)
+
+
+def denial_of_service(output, targets, weight=None):
+    return weighted_mean((output**2).mean(dim=-1), weight)
+
+
+@pytest.mark.parametrize("path", ["vmap", "loop"])
+def test_two_input_model_matches(path):
+    torch.manual_seed(0)
+    model = TwoInputDenoiser().to(DTYPE)
+    g = torch.Generator().manual_seed(0)
+    x_t, t, eps = torch.randn(40, 6, generator=g, dtype=DTYPE), torch.randint(0, 10, (40,), generator=g), torch.randn(40, 6, generator=g, dtype=DTYPE)
+    strategies = [FineTuneStrategy("adam", 1e-2, 4, 3, "full"), FineTuneStrategy("sgd", 0.1, 7, 3, "freeze_first", layers=["embed"]),
+                  FineTuneStrategy("lion", 1e-3, 5, 3, "head_only")]
+    data = ((x_t, t), eps)
+    result = simulate(model, strategies, data, mse, denial_of_service, query_size=3, path=path,
+                      generator=torch.Generator().manual_seed(1), return_params=True)
+    assert_matches_reference(model, strategies, data, result, 3, seed=1, loss=denial_of_service, adapt=mse)
+
+
+class TanhNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh())
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("path", ["vmap", "loop"])
+def test_second_order_meta_gradient_matches_finite_differences(path):
+    torch.manual_seed(0)
+    model = TanhNet().to(DTYPE)
+    g = torch.Generator().manual_seed(0)
+    data = ((torch.randn(30, 4, generator=g, dtype=DTYPE),), torch.randint(0, 3, (30,), generator=g))
+    strategies = [FineTuneStrategy("sgd_momentum", 0.3, 6, 3, "full"), FineTuneStrategy("adam", 0.05, 6, 3, "reinit_head", seed=4),
+                  FineTuneStrategy("rmsprop", 0.01, 6, 3, "freeze_first", layers=1, hparams={"weight_decay": 0.1})]
+    kwargs = dict(query_size=5, path=path)
+    result = simulate(model, strategies, data, cross_entropy, kl_uniform, order="second", generator=torch.Generator().manual_seed(2), **kwargs)
+    first = simulate(model, strategies, data, cross_entropy, kl_uniform, generator=torch.Generator().manual_seed(2), **kwargs)
+    torch.testing.assert_close(result.query_losses, first.query_losses)
+    direction = {n: torch.randn(p.shape, generator=g, dtype=DTYPE) for n, p in model.named_parameters()}
+
+    def objective(scale):
+        moved = copy.deepcopy(model)
+        with torch.no_grad():
+            for n, p in moved.named_parameters():
+                p.add_(scale * direction[n])
+        losses, _, _ = simulate_sequential(moved, strategies, data, cross_entropy, kl_uniform, query_size=5,
+                                           generator=torch.Generator().manual_seed(2))
+        return losses.mean()
+
+    h = 1e-6
+    numeric = (objective(h) - objective(-h)) / (2 * h)
+    analytic = sum((result.meta_grad[n] * direction[n]).sum() for n in direction)
+    torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-8)
+    # the first-order approximation is a different number
+    first_order = sum((first.meta_grad[n] * direction[n]).sum() for n in direction)
+    assert abs(float(first_order - analytic)) > 1e-6
+
+
+def test_bad_input_raises_clear_errors():
+    model, data = tiny_cnn(), pool(n=20)
+    ok = FineTuneStrategy("sgd", 0.1, 4, 2)
+    run = lambda strategies, **kw: simulate(model, strategies, data, cross_entropy, kl_uniform, **{"query_size": 4, **kw})  # noqa: E731
+    with pytest.raises(ValueError, match="optimizer: unknown name 'adamax'.*choose one of"):
+        FineTuneStrategy("adamax")
+    with pytest.raises(ValueError, match="lr: must be"):
+        FineTuneStrategy("sgd", lr=-1e-3)
+    with pytest.raises(ValueError, match="steps: must be an int >= 1"):
+        FineTuneStrategy("sgd", steps=0)
+    with pytest.raises(ValueError, match=r"batch_size \+ query_size must be <= the number of samples in data \(20\)"):
+        run([FineTuneStrategy("sgd", 0.1, 17, 2)])
+    with pytest.raises(ValueError, match="same number of steps"):
+        run([ok, FineTuneStrategy("sgd", 0.1, 4, 3)])
+    with pytest.raises(ValueError, match="path: must be one of"):
+        run([ok], path="fast")
+    with pytest.raises(ValueError, match="order: must be one of"):
+        run([ok], order="third")
+    with pytest.raises(ValueError, match="query_size"):
+        run([ok], query_size=0)
+    with pytest.raises(ValueError, match="strategies: expected a non-empty list"):
+        run([])
+    with pytest.raises(ValueError, match=r"strategies\[0\]: hp\['momentum'\]"):
+        run([FineTuneStrategy("sgd_momentum", 0.1, 4, 2, hparams={"momentum": -0.5})])
+    with pytest.raises(ValueError, match="unknown hyperparameter"):
+        run([FineTuneStrategy("adam", 0.1, 4, 2, hparams={"momentum": 0.5})])
+    headless = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()).to(DTYPE)
+    with pytest.raises(ValueError, match="head: could not find the classifier head"):
+        simulate(headless, [FineTuneStrategy("sgd", 0.1, 4, 2, "head_only")], data, cross_entropy, kl_uniform, query_size=4)
+    with pytest.raises(ValueError, match="surgery: returned 'nope'"):
+        run([FineTuneStrategy("sgd", 0.1, 4, 2, "custom", surgery=lambda p, g: {"nope": p["head.bias"]})])
+    with pytest.raises(ValueError, match="data: every input and the targets must have the same first dimension"):
+        simulate(model, [ok], ((data[0][0],), data[1][:5]), cross_entropy, kl_uniform, query_size=4)

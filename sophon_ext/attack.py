@@ -1,0 +1,575 @@
+"""The attack harness: real fine-tuning of a protected model, compared with the
+unprotected model and training from scratch, over a grid of attacks.
+
+Each attack (:class:`AttackSpec`) fine-tunes every starting point on the
+restricted domain's training split with an ordinary ``torch.optim`` loop
+(:mod:`sophon_ext.finetune`) and evaluates on its test split after every
+epoch. Results go to ``out_dir/runs/<attack name>.json`` (one file per attack,
+written atomically), and every starting point's curve to
+``out_dir/cache/<key>.json``, keyed by the attack, the starting model's weights,
+the data and the task. So a re-run skips finished attacks, a run with a new
+protected model only re-trains the protected column, and ``shard=(rank,
+world)`` lets processes split the grid (attack ``i`` runs where
+``i % world == rank``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from . import surgery
+from .data import ArrayDataset
+from .diagnostics import compare_models
+from .finetune import ATTACK_METHODS, SCHEDULES, AttackSpec, as_dataset, fine_tune, prepare_attack_model
+from .report import atomic_write_json, build_report, summarise_attack, write_outputs
+
+__all__ = [
+    "ATTACK_METHODS", "SCHEDULES", "GRID_PRESETS", "AttackSpec", "expand_grid", "load_grid", "run_attacks",
+    "fine_tune", "prepare_attack_model", "state_fingerprint", "default_scratch_factory",
+    "add_attack_arguments", "run_attack_cli",
+]
+
+#: Named grids. "paper" is the reference attack of SOPHON's evaluation protocol.
+GRID_PRESETS: dict[str, dict] = {
+    "paper": {"methods": ["full"], "optimizers": ["sgd_momentum"], "lrs": [1e-4], "batch_sizes": [200],
+              "epochs": [20], "weight_decays": [1e-4]},
+    "default": {"methods": ["full", "reinit_head", "head_only"],
+                "optimizers": ["sgd_momentum", "nesterov", "adam", "rmsprop", "adagrad"],
+                "lrs": [1e-3, 1e-2], "batch_sizes": [64], "epochs": [10], "weight_decays": [1e-4]},
+    "quick": {"methods": ["full", "head_only"], "optimizers": ["adam"], "lrs": [1e-3], "batch_sizes": [64],
+              "epochs": [3]},
+    "methods": {"methods": list(ATTACK_METHODS), "optimizers": ["adam"], "lrs": [1e-3], "batch_sizes": [64],
+                "epochs": [3]},
+}
+
+# grid key -> AttackSpec field; a grid key takes one value or a list of values
+_GRID_KEYS = {"methods": "method", "optimizers": "optimizer", "lrs": "lr", "batch_sizes": "batch_size",
+              "epochs": "epochs", "weight_decays": "weight_decay", "schedules": "schedule", "seeds": "seed",
+              "ranks": "rank"}
+_SINGULAR = {"method": "methods", "optimizer": "optimizers", "lr": "lrs", "batch_size": "batch_sizes",
+             "weight_decay": "weight_decays", "schedule": "schedules", "seed": "seeds", "rank": "ranks"}
+# keys applied unchanged to every attack of the grid
+_SHARED_KEYS = ("layers", "hparams")
+
+
+def expand_grid(config: dict | str) -> list[AttackSpec]:
+    """The attacks of a grid config, in a fixed order (duplicates dropped).
+
+    ``config`` is a preset name (see :data:`GRID_PRESETS`) or a dict with an
+    optional ``preset`` (the base, overridden by the other keys), list-valued
+    grid keys ``methods, optimizers, lrs, batch_sizes, epochs, weight_decays,
+    schedules, seeds, ranks`` (singular names and scalars are accepted too),
+    ``layers`` and ``hparams`` shared by every attack, and ``attacks``: extra
+    attacks, each a dict of :class:`AttackSpec` fields or a method name; an
+    explicit attack fixes the fields it sets and is spanned over the grid's
+    values of the others (so ``seeds: [0, 1]`` runs every attack twice). The
+    full grid is spanned only when ``methods`` or ``optimizers`` is given, or
+    when there is no ``attacks`` list.
+    """
+    if isinstance(config, str):
+        config = {"preset": config}
+    if not isinstance(config, dict):
+        raise TypeError(f"grid: expected a preset name or a dict, got {type(config).__name__}")
+    merged: dict = {}
+    if "preset" in config:
+        name = config["preset"]
+        if name not in GRID_PRESETS:
+            raise ValueError(f"grid preset: unknown preset {name!r}; choose one of {sorted(GRID_PRESETS)}")
+        merged.update(copy.deepcopy(GRID_PRESETS[name]))
+    for key, value in config.items():
+        if key == "preset":
+            continue
+        key = _SINGULAR.get(key, key)
+        if key not in _GRID_KEYS and key not in _SHARED_KEYS and key != "attacks":
+            known = sorted([*_GRID_KEYS, *_SINGULAR, *_SHARED_KEYS, "attacks", "preset"])
+            raise ValueError(f"grid: unknown key {key!r}; known keys: {known}")
+        merged[key] = value
+    axes = {}
+    for key, field_name in _GRID_KEYS.items():
+        if key in merged:
+            values = merged[key] if isinstance(merged[key], (list, tuple)) else [merged[key]]
+            if not values:
+                raise ValueError(f"grid: {key} is empty")
+            axes[field_name] = list(values)
+    shared = {k: merged[k] for k in _SHARED_KEYS if k in merged}
+    specs: list[AttackSpec] = []
+    # a grid is spanned unless the config only lists explicit attacks (then the axes give their defaults)
+    if "method" in axes or "optimizer" in axes or "attacks" not in merged:
+        names = list(axes)
+        for combo in itertools.product(*(axes[n] for n in names)):
+            specs.append(AttackSpec(**dict(zip(names, combo)), **copy.deepcopy(shared)))
+    for item in merged.get("attacks", []):
+        if isinstance(item, str):
+            item = {"method": item}
+        if not isinstance(item, dict):
+            raise TypeError(f"grid attacks: each entry must be a dict of attack fields or a method name, got {item!r}")
+        unknown = sorted(set(item) - set(AttackSpec.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"grid attacks: unknown attack fields {unknown}; known: {sorted(AttackSpec.__dataclass_fields__)}")
+        # an explicit attack fixes the fields it sets; the grid's axes span the others
+        free = [name for name in axes if name not in item]
+        for combo in itertools.product(*(axes[n] for n in free)):
+            specs.append(AttackSpec(**{**copy.deepcopy(shared), **dict(zip(free, combo)), **item}))
+    if not specs:
+        raise ValueError("grid: no attacks (give methods/optimizers, a preset, or an attacks list)")
+    unique = {}
+    for spec in specs:
+        unique.setdefault(spec.name, spec)
+    return list(unique.values())
+
+
+def load_grid(source: dict | str | Path | list) -> list[AttackSpec]:
+    """Attacks from a preset name, a YAML/JSON file, a grid dict or a list of :class:`AttackSpec`."""
+    if isinstance(source, list) and all(isinstance(s, AttackSpec) for s in source):
+        if not source:
+            raise ValueError("grid: no attacks")
+        return list({s.name: s for s in source}.values())
+    if isinstance(source, AttackSpec):
+        return [source]
+    if isinstance(source, Path) or (isinstance(source, str) and source not in GRID_PRESETS
+                                    and source.endswith((".yaml", ".yml", ".json"))):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"grid: no config file at {path}")
+        import yaml  # JSON is YAML too
+
+        data = yaml.safe_load(path.read_text())
+        if isinstance(data, dict) and "attack_grid" in data:
+            data = data["attack_grid"]
+        return expand_grid(data)
+    return expand_grid(source)
+
+
+# ---------------------------------------------------------------- fingerprints
+
+def _hash_tensors(items: Iterable[tuple[str, torch.Tensor]]) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in items:
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def state_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a model's state_dict (names, dtypes, shapes, values)."""
+    return _hash_tensors(model.state_dict().items())
+
+
+def _data_fingerprint(train: ArrayDataset, test: ArrayDataset) -> str:
+    return _hash_tensors([("train.x", train.x), ("train.y", train.y), ("test.x", test.x), ("test.y", test.y)])
+
+
+def _run_key(spec: AttackSpec, model_fp: str, data_fp: str, task, head: str | None) -> str:
+    text = json.dumps([spec.to_dict(), model_fp, data_fp, repr(task), head], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------- starting points
+
+def default_scratch_factory(model: nn.Module) -> Callable[[], nn.Module]:
+    """Scratch = ``model``'s architecture with every parametrised layer re-initialised
+    (torch's default init, from the global RNG the harness seeds per attack) and
+    norm statistics reset."""
+    def factory() -> nn.Module:
+        fresh = copy.deepcopy(model)
+        surgery.reinitialise(fresh, surgery.parametrised_layers(fresh), torch.default_generator)
+        for module in fresh.modules():
+            if hasattr(module, "reset_running_stats"):
+                module.reset_running_stats()
+        return fresh
+    return factory
+
+
+def _build_scratch(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"scratch_factory: must return an nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _check_same_architecture(reference: nn.Module, other: nn.Module, name: str) -> None:
+    ref = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in other.state_dict().items()}
+    if ref != got:
+        missing = sorted(set(ref) - set(got))[:5]
+        extra = sorted(set(got) - set(ref))[:5]
+        shapes = [f"{k}: {ref[k]} vs {got[k]}" for k in sorted(set(ref) & set(got)) if ref[k] != got[k]][:5]
+        raise ValueError(f"{name}: architecture differs from the protected model "
+                         f"(missing {missing}, unexpected {extra}, shape mismatches {shapes})")
+
+
+# ---------------------------------------------------------------- the harness
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # absent or unreadable: recompute
+
+
+def run_attacks(protected: nn.Module, unprotected: nn.Module | None, scratch_factory: Callable[[], nn.Module] | None,
+                restricted_train, restricted_test, task=None, grid="quick", *, original_test=None,
+                out_dir: str | Path | None = None, resume: bool = True, shard: tuple[int, int] | None = None,
+                device: str | torch.device = "cpu", head: str | None = None, diagnostics: bool = True,
+                plots: bool = True, progress: bool = True, command: str | None = None,
+                config: dict | None = None, jobs: int = 1) -> dict:
+    """Fine-tune every starting point with every attack of ``grid``; return (and write) the report.
+
+    ``protected``/``unprotected``: models (``unprotected`` may be None).
+    ``scratch_factory``: builds a fresh model, called with the global RNG seeded
+    by the attack's seed (None: :func:`default_scratch_factory` of ``protected``).
+    ``restricted_train``/``restricted_test``/``original_test``: ArrayDataset or
+    ``(x, y)``. ``task``: a task plug-in (default classification). ``grid``: see
+    :func:`load_grid`. With ``out_dir``, per-attack results and curve caches are
+    written there (resumed unless ``resume=False``), and once every attack of
+    the grid has a result, report.json, curves.csv, summary.md and the plots.
+    ``shard=(rank, world)`` runs only attacks ``i`` with ``i % world == rank``.
+    ``jobs > 1`` runs the attacks in that many spawned processes (needs
+    ``out_dir``, and picklable models, data and task).
+    ``head`` names the classifier head when :func:`surgery.find_head` cannot.
+    The report's ``complete`` is False while other shards' attacks are missing.
+    """
+    from .tasks import ClassificationTask
+
+    task = task if task is not None else ClassificationTask()
+    if not isinstance(protected, nn.Module):
+        raise TypeError(f"protected: expected an nn.Module, got {type(protected).__name__}")
+    if unprotected is not None and not isinstance(unprotected, nn.Module):
+        raise TypeError(f"unprotected: expected an nn.Module or None, got {type(unprotected).__name__}")
+    train = as_dataset(restricted_train, "restricted_train")
+    test = as_dataset(restricted_test, "restricted_test")
+    original = as_dataset(original_test, "original_test") if original_test is not None else None
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError(f"restricted data: train and test must be non-empty, got {len(train)} and {len(test)} samples")
+    specs = load_grid(grid)
+    world_rank = _check_shard(shard)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs: must be an int >= 1, got {jobs!r}")
+    if unprotected is not None:
+        _check_same_architecture(protected, unprotected, "unprotected")
+    scratch_factory = scratch_factory or default_scratch_factory(protected)
+    out = Path(out_dir) if out_dir is not None else None
+
+    starts = {"protected": protected}
+    if unprotected is not None:
+        starts["unprotected"] = unprotected
+    start_fps = {name: state_fingerprint(model) for name, model in starts.items()}
+    data_fp = _data_fingerprint(train, test)
+    scratch_models: dict[int, tuple[nn.Module, str]] = {}
+
+    def scratch_for(seed: int) -> tuple[nn.Module, str]:
+        if seed not in scratch_models:
+            model = _build_scratch(scratch_factory, seed)
+            _check_same_architecture(protected, model, "scratch_factory's model")
+            scratch_models[seed] = (model, state_fingerprint(model))
+        return scratch_models[seed]
+
+    mine = [s for i, s in enumerate(specs) if world_rank is None or i % world_rank[1] == world_rank[0]]
+    jobs_args = []
+    for spec in mine:
+        models = {**starts, "scratch": scratch_for(spec.seed)[0]}
+        fps = {**start_fps, "scratch": scratch_for(spec.seed)[1]}
+        keys = {name: _run_key(spec, fps[name], data_fp, task, head) for name in models}
+        jobs_args.append((spec, models, keys, task, train, test, out, resume, device, head))
+    records: dict[str, dict] = {}
+    if jobs > 1 and len(jobs_args) > 1:
+        if out is None:
+            raise ValueError("jobs: running attacks in several processes needs out_dir (they share results through it)")
+        for record in _in_processes(jobs, jobs_args, progress, device):
+            records[record["name"]] = record
+    else:
+        for args in _progress(jobs_args, progress):
+            records[args[0].name] = _attack_record(*args)
+
+    attacks = []
+    for spec in specs:
+        record = records.get(spec.name)
+        if record is None and out is not None:
+            record = _read_json(out / "runs" / f"{spec.name}.json")  # another shard's result
+        if record is not None:
+            attacks.append(record)
+    complete = len(attacks) == len(specs)
+
+    seeds = sorted({s.seed for s in specs})
+    original_domain = None
+    if original is not None:
+        scratch0 = scratch_for(seeds[0])[0]
+        evaluated = {**starts, "scratch": scratch0}
+        original_domain = {name: _evaluate(task, m, original, device) for name, m in evaluated.items()}
+    diag = None
+    if diagnostics:
+        domains = {"restricted": test} if original is None else {"original": original, "restricted": test}
+        diag = compare_models({n: copy.deepcopy(m).to(device) for n, m in starts.items()}, domains, task)
+    run_config = {
+        **(config or {}),
+        "grid": str(grid) if isinstance(grid, (str, Path)) else grid if isinstance(grid, dict) else None,
+        "attacks": [s.to_dict() for s in specs],
+        "device": str(device), "shard": list(shard) if shard is not None else None, "head": head,
+        "task": repr(task),
+        "data": {"restricted_train": len(train), "restricted_test": len(test),
+                 "original_test": len(original) if original is not None else None, "fingerprint": data_fp},
+        "models": {**start_fps, "scratch": {str(seed): scratch_for(seed)[1] for seed in seeds}},
+    }
+    report = build_report(task, run_config, attacks, original_domain, diag, seeds=seeds, complete=complete,
+                          command=command)
+    if out is not None and complete:
+        write_outputs(report, out, plots=plots)
+    return report
+
+
+def _attack_record(spec: AttackSpec, models: dict[str, nn.Module], keys: dict[str, str], task, train: ArrayDataset,
+                   test: ArrayDataset, out: Path | None, resume: bool, device, head: str | None) -> dict:
+    """One attack on every starting point: from its run file or the curve caches when
+    they match ``keys``, otherwise trained; written back to ``out``."""
+    run_path = out / "runs" / f"{spec.name}.json" if out is not None else None
+    if resume and run_path is not None:
+        previous = _read_json(run_path)
+        if previous is not None and previous.get("keys") == keys:
+            return previous
+    curves = {}
+    for name, model in models.items():
+        cache_path = out / "cache" / f"{name}-{keys[name]}.json" if out is not None else None
+        curve = _read_json(cache_path) if (resume and cache_path is not None) else None
+        if curve is None:
+            curve = fine_tune(model, spec, task, train, test, device=device, head=head)
+            if cache_path is not None:
+                atomic_write_json(cache_path, curve)
+        curves[name] = curve
+    record = {"name": spec.name, **spec.to_dict(), "curves": curves,
+              "summary": summarise_attack(curves, task.higher_is_better), "keys": keys}
+    if run_path is not None:
+        atomic_write_json(run_path, record)
+    return record
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _in_processes(jobs: int, jobs_args: list[tuple], progress: bool, device) -> list[dict]:
+    """Run :func:`_attack_record` for each attack in a pool of ``jobs`` processes; each
+    gets an equal share of the CPU threads. Forked on CPU (no re-import), spawned for
+    accelerators (CUDA cannot be used in a forked child)."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    can_fork = torch.device(device).type == "cpu" and "fork" in multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if can_fork else "spawn")
+    if can_fork:
+        # the first torch.optim optimizer imports torch._dynamo (seconds); do it once here
+        # so the forked workers inherit it instead of each importing it again
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = [pool.submit(_attack_record, *args) for args in jobs_args]
+        return [f.result() for f in _progress(as_completed(futures), progress, total=len(futures))]
+
+
+def _evaluate(task, model: nn.Module, data: ArrayDataset, device) -> float:
+    model = copy.deepcopy(model).to(device)
+    return task.evaluate(model, data.x.to(device), data.y.to(device))[task.metric_name]
+
+
+def _check_shard(shard) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    if (not isinstance(shard, (tuple, list)) or len(shard) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard)):
+        raise TypeError(f"shard: expected (rank, world) ints, got {shard!r}")
+    rank, world = shard
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"shard: need world >= 1 and 0 <= rank < world, got rank={rank}, world={world}")
+    return rank, world
+
+
+def _progress(items, enabled: bool, total: int | None = None):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc="attacks", unit="attack", total=total)
+
+
+# ---------------------------------------------------------------- command line
+
+def add_attack_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the options of ``sophon attack`` to ``parser``."""
+    parser.add_argument("--protected", required=True,
+                        help="the protected model: a model file (sophon_ext.checkpoint.save_model), a plain "
+                             "safetensors state_dict (with --model), or a checkpoint directory")
+    parser.add_argument("--unprotected", help="the unprotected pre-trained model (same forms as --protected)")
+    parser.add_argument("--model", default="small_cnn",
+                        help="registry name of the architecture, for files that carry no model spec (default: small_cnn)")
+    parser.add_argument("--model-kwargs", default='{"width": 16, "depth": 3}', type=json.loads,
+                        help="JSON keyword arguments of --model (default: '{\"width\": 16, \"depth\": 3}')")
+    parser.add_argument("--restricted", default="builtin:digits",
+                        help="restricted domain: builtin:digits, builtin:mnist, an ImageFolder directory or an .npz "
+                             "with arrays x and y (default: builtin:digits)")
+    parser.add_argument("--original", help="original domain (same forms), for its accuracy and the diagnostics")
+    parser.add_argument("--image-size", type=int, default=16, help="image side for built-in and folder data (default 16)")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="held-out validation fraction, unused here (default 0.1)")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="test fraction of each domain (default 0.2)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split (default 0)")
+    grid = parser.add_mutually_exclusive_group()
+    grid.add_argument("--preset", default=None, help=f"named grid: {', '.join(sorted(GRID_PRESETS))} (default: default)")
+    grid.add_argument("--config", help="grid config file (YAML or JSON; see sophon_ext.attack.expand_grid)")
+    parser.add_argument("--epochs", type=int, help="override the grid's epochs")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the grid's seeds")
+    parser.add_argument("--mode", default="classification", help="task: classification (default) or generation")
+    parser.add_argument("--head", help="module name of the classifier head, when it cannot be found")
+    parser.add_argument("--out", default="runs/attack", help="output directory (default runs/attack)")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="skip attacks whose results are already in --out (default: on)")
+    parser.add_argument("--shard", help="RANK/WORLD: run only attacks i with i %% WORLD == RANK")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes, one attack at a time each (default 1)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def load_model_file(path: str | Path, model_name: str = "small_cnn", model_kwargs: dict | None = None) -> nn.Module:
+    """A model from a model file, a plain safetensors state_dict or a checkpoint directory.
+
+    The architecture comes from the file's model spec when it has one,
+    otherwise from ``model_name``/``model_kwargs``. Raises
+    :class:`sophon_ext.checkpoint.CheckpointError` (a ValueError) when the
+    weights do not fit the architecture.
+    """
+    return _load_model_and_spec(path, model_name, model_kwargs)[0]
+
+
+def _load_model_and_spec(path, model_name: str, model_kwargs: dict | None) -> tuple[nn.Module, dict]:
+    from . import checkpoint as ckpt
+    from .models import build_model
+
+    path = Path(path)
+    fallback = {"name": model_name, "kwargs": model_kwargs or {}}
+    if path.is_dir():
+        state, metadata = ckpt.load_checkpoint(path)
+        if "model" not in state:
+            raise ckpt.CheckpointError(f"checkpoint: {path} holds no model state")
+        spec, tensors = metadata.get("model_spec") or fallback, state["model"]
+    else:
+        try:
+            tensors, spec, _ = ckpt.read_model_file(path)
+        except ckpt.CheckpointError as exc:
+            if "was not written by" not in str(exc):
+                raise
+            from safetensors.torch import load_file
+
+            tensors, spec = load_file(str(path)), None
+        spec = spec or fallback
+    model = build_model(spec["name"], **spec.get("kwargs", {}))
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise ckpt.CheckpointError(
+            f"model file: {path} does not fit the architecture {spec['name']}({spec.get('kwargs', {})}): {exc}") from None
+    return model, spec
+
+
+def load_domain(source: str, image_size: int = 16, grayscale: bool = True) -> ArrayDataset:
+    """A dataset from ``builtin:NAME``, an ImageFolder directory or an ``.npz`` with arrays x and y."""
+    from .data import from_arrays, image_folder, load_builtin
+
+    if source.startswith("builtin:"):
+        return load_builtin(source.split(":", 1)[1], image_size=image_size)
+    path = Path(source)
+    if path.is_dir():
+        return image_folder(path, image_size, grayscale=grayscale)
+    if path.suffix == ".npz" and path.is_file():
+        import numpy as np
+
+        with np.load(path) as arrays:
+            if "x" not in arrays or "y" not in arrays:
+                raise ValueError(f"data: {path} must hold arrays named x and y, found {sorted(arrays.files)}")
+            return from_arrays(arrays["x"], arrays["y"])
+    raise ValueError(f"data: {source!r} is not builtin:<name>, an ImageFolder directory or an existing .npz file")
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        rank, world = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard: expected RANK/WORLD such as 0/4, got {text!r}") from None
+    return _check_shard((rank, world))
+
+
+def run_attack_cli(args: argparse.Namespace) -> int:
+    """Run ``sophon attack`` from parsed arguments; returns the exit status (2 on bad input)."""
+    import shlex
+    import sys
+
+    from functools import partial
+
+    from .data import domain_splits
+    from .models import build_model
+    from .tasks import make_task
+
+    try:
+        protected, spec = _load_model_and_spec(args.protected, args.model, args.model_kwargs)
+        unprotected = load_model_file(args.unprotected, args.model, args.model_kwargs) if args.unprotected else None
+        first = next(iter(protected.parameters()), None)
+        grayscale = first is None or first.dim() < 2 or first.shape[1] == 1
+        restricted = domain_splits(load_domain(args.restricted, args.image_size, grayscale),
+                                   val=args.val_fraction, test=args.test_fraction, seed=args.split_seed)
+        original = None
+        if args.original:
+            original = domain_splits(load_domain(args.original, args.image_size, grayscale),
+                                     val=args.val_fraction, test=args.test_fraction, seed=args.split_seed).test
+        grid: dict = {"preset": args.preset or "default"}
+        if args.config:
+            import yaml
+
+            loaded = yaml.safe_load(Path(args.config).read_text())
+            grid = loaded.get("attack_grid", loaded) if isinstance(loaded, dict) else loaded
+        if args.epochs is not None or args.seeds is not None:
+            grid = dict(grid) if isinstance(grid, dict) else {"preset": grid}
+            if args.epochs is not None:
+                grid["epochs"] = [args.epochs]
+            if args.seeds is not None:
+                grid["seeds"] = args.seeds
+        report = run_attacks(
+            protected, unprotected, partial(build_model, spec["name"], **spec.get("kwargs", {})), restricted.train, restricted.test, make_task(args.mode), grid,
+            original_test=original, out_dir=args.out, resume=args.resume, shard=_parse_shard(args.shard),
+            device=args.device, head=args.head, plots=args.plots, progress=args.progress, jobs=args.jobs,
+            command="sophon attack " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["attack"] else sys.argv[1:]),
+            config={"protected": str(args.protected), "unprotected": args.unprotected, "restricted": args.restricted,
+                    "original": args.original, "split_seed": args.split_seed, "image_size": args.image_size},
+        )
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"sophon attack: error: {exc}", file=sys.stderr)
+        return 2
+    if report["complete"]:
+        print(f"sophon attack: {len(report['attacks'])} attacks; report in {Path(args.out) / 'report.json'}")
+    else:
+        print(f"sophon attack: shard done ({len(report['attacks'])} attacks finished so far); "
+              "the report is written when every shard has finished")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sophon_ext.attack``: the same as ``sophon attack``."""
+    parser = add_attack_arguments(argparse.ArgumentParser(prog="sophon attack", description=__doc__.splitlines()[0]))
+    return run_attack_cli(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

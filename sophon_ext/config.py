@@ -1,0 +1,497 @@
+"""Every knob of a SOPHON run in one typed, validated configuration.
+
+:class:`Config` is a tree of dataclasses. :func:`Config.from_dict` (and
+:func:`load_config` for YAML/JSON files) checks every key and type against the
+dataclass annotations and every value against its section's rules, and names
+the offending field (``protect.alpha: must be > 0, got -1.0``) in a
+:class:`ConfigError`. :func:`save_config` writes the same tree back, so a saved
+config reloads to an equal object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+MODES = ("classification", "generation")
+DATA_SOURCES = ("builtin", "image_folder", "torchvision", "arrays")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or impossible; the message names the field."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A configuration value has the wrong type."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DatasetConfig:
+    """Where one domain's data comes from.
+
+    ``source``: ``"builtin"`` (``name`` is ``"mnist"`` or ``"digits"``, shipped in
+    installed packages), ``"image_folder"`` (``path`` is root/<class>/<image>),
+    ``"torchvision"`` (``name`` is the class, e.g. ``"CIFAR10"``, already on disk
+    under ``path``; never downloads) or ``"arrays"`` (``path`` is an ``.npz`` with
+    arrays ``x`` and ``y``).
+    """
+
+    source: Literal["builtin", "image_folder", "torchvision", "arrays"] = "builtin"
+    name: Optional[str] = "mnist"
+    path: Optional[str] = None
+    image_size: int = 16
+    grayscale: bool = False
+    train: bool = True
+    #: keep at most this many samples (a seeded random subset); None keeps all
+    limit: Optional[int] = None
+
+    def _validate(self, where: str) -> None:
+        _check(self.image_size >= 1, where, "image_size", f"must be >= 1, got {self.image_size}")
+        _check(self.limit is None or self.limit >= 1, where, "limit", f"must be >= 1 or null, got {self.limit}")
+        if self.source in ("builtin", "torchvision"):
+            _check(bool(self.name), where, "name", f"is required for source {self.source!r}")
+        if self.source in ("image_folder", "torchvision", "arrays"):
+            _check(bool(self.path), where, "path", f"is required for source {self.source!r}")
+        if self.source == "builtin":
+            from .data import BUILTIN_DATASETS
+
+            _check(self.name in BUILTIN_DATASETS, where, "name", f"unknown built-in dataset {self.name!r}; choose one of {BUILTIN_DATASETS}")
+
+
+@dataclass
+class DataConfig:
+    """The original domain (kept) and the restricted domain (made non-fine-tunable)."""
+
+    original: DatasetConfig = field(default_factory=lambda: DatasetConfig(name="mnist"))
+    restricted: DatasetConfig = field(default_factory=lambda: DatasetConfig(name="digits"))
+    #: held-out fraction of each domain for the guard / model selection
+    val_fraction: float = 0.1
+    #: held-out fraction of each domain for the final evaluation and attacks' test curves
+    test_fraction: float = 0.2
+    split_seed: int = 0
+
+    def _validate(self, where: str) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            _check(0.0 < value < 1.0, where, name, f"must be in (0, 1), got {value}")
+        _check(self.val_fraction + self.test_fraction < 1.0, where, "val_fraction", "val_fraction + test_fraction must be < 1")
+
+
+@dataclass
+class ModelConfig:
+    """A model from :data:`sophon_ext.models.MODEL_REGISTRY`, optionally starting from saved weights."""
+
+    name: str = "small_cnn"
+    kwargs: dict[str, Any] = field(default_factory=lambda: {"width": 16, "depth": 3})
+    #: a model file written by ``sophon pretrain`` / :func:`sophon_ext.checkpoint.save_model`
+    weights: Optional[str] = None
+    #: module name of the classifier head, when sophon_ext.surgery.find_head cannot find it
+    head: Optional[str] = None
+
+    def _validate(self, where: str) -> None:
+        from .models import MODEL_REGISTRY
+
+        _check(self.name in MODEL_REGISTRY, where, "name", f"unknown model {self.name!r}; choose one of {sorted(MODEL_REGISTRY)}")
+
+
+@dataclass
+class PretrainConfig:
+    """Ordinary training on the original domain (what ``sophon pretrain`` and the demo run)."""
+
+    epochs: int = 4
+    lr: float = 3e-3
+    batch_size: int = 64
+    optimizer: str = "adam"
+
+    def _validate(self, where: str) -> None:
+        _check(self.epochs >= 1, where, "epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.lr > 0, where, "lr", f"must be > 0, got {self.lr}")
+        _check(self.batch_size >= 1, where, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check_optimizer(self.optimizer, where, "optimizer")
+
+
+@dataclass
+class StrategyConfig:
+    """One simulated fine-tuning strategy (the fields of :class:`sophon_ext.FineTuneStrategy`).
+
+    ``steps`` null means "use ``protect.inner_steps``".
+    """
+
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    batch_size: int = 32
+    steps: Optional[int] = None
+    method: str = "full"
+    hparams: dict[str, Any] = field(default_factory=dict)
+    #: for reinit_layers / freeze_first: a count of first layers or module names
+    layers: Union[int, list[str], None] = None
+
+    def _validate(self, where: str) -> None:
+        from .surgery import METHODS
+
+        _check_optimizer(self.optimizer, where, "optimizer")
+        _check(self.lr > 0, where, "lr", f"must be > 0, got {self.lr}")
+        _check(self.batch_size >= 1, where, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.steps is None or self.steps >= 1, where, "steps", f"must be >= 1 or null, got {self.steps}")
+        _check(self.method in METHODS, where, "method", f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.method in ("reinit_layers", "freeze_first"):
+            _check(self.layers is not None, where, "layers", f"is required for method {self.method!r}")
+        if isinstance(self.layers, int):
+            _check(self.layers >= 1, where, "layers", f"must be >= 1, got {self.layers}")
+
+
+def default_strategies() -> list[StrategyConfig]:
+    """The attack methods a protection must cover (measured: leaving any out leaves a hole)."""
+    return [
+        StrategyConfig(optimizer="sgd_momentum", lr=1e-2, method="full"),
+        StrategyConfig(optimizer="adam", lr=1e-3, method="full"),
+        StrategyConfig(optimizer="adam", lr=1e-3, method="reinit_head"),
+        StrategyConfig(optimizer="adam", lr=1e-3, method="reinit_layers", layers=1),
+    ]
+
+
+@dataclass
+class GuardConfig:
+    """Original-domain guard: measured on the held-out split every ``every`` iterations.
+
+    The run is "bad" when the metric is worse than ``floor`` (absolute) or
+    worse than the starting value by more than ``max_drop`` (in metric units,
+    or a fraction of the starting value when ``drop_is_fraction``). On a bad
+    check the model and optimizers roll back to the last good check; then
+    ``action`` is ``"stop"`` or ``"lower_lr"`` (multiply alpha and beta by
+    ``lr_factor``, give up after ``max_rollbacks``).
+    """
+
+    enabled: bool = True
+    every: int = 10
+    floor: Optional[float] = None
+    max_drop: Optional[float] = 0.03
+    drop_is_fraction: bool = False
+    action: Literal["stop", "lower_lr"] = "lower_lr"
+    lr_factor: float = 0.5
+    max_rollbacks: int = 3
+
+    def _validate(self, where: str) -> None:
+        _check(self.every >= 1, where, "every", f"must be >= 1, got {self.every}")
+        _check(self.max_drop is None or self.max_drop >= 0, where, "max_drop", f"must be >= 0 or null, got {self.max_drop}")
+        _check(0.0 < self.lr_factor < 1.0, where, "lr_factor", f"must be in (0, 1), got {self.lr_factor}")
+        _check(self.max_rollbacks >= 0, where, "max_rollbacks", f"must be >= 0, got {self.max_rollbacks}")
+
+
+@dataclass
+class ProtectConfig:
+    """The SOPHON loop (SOPHON.md "Algorithm")."""
+
+    iterations: int = 300
+    #: fine-tuning-suppression steps per iteration
+    fts_steps: int = 1
+    #: normal-training-reinforcement steps per iteration
+    ntr_steps: int = 1
+    #: simulated fine-tuning steps per trajectory (K)
+    inner_steps: int = 20
+    #: the simulated strategies; each FTS step runs all of them (or num_strategies drawn from them)
+    strategies: list[StrategyConfig] = field(default_factory=default_strategies)
+    #: 0 runs every listed strategy each FTS step; n > 0 draws n of them per step (with fresh seeds)
+    num_strategies: int = 0
+    #: restricted-domain samples held out per trajectory and step to evaluate the suppression loss
+    query_size: int = 32
+    #: restricted-domain samples drawn per FTS step for the trajectories' batches (null: all)
+    pool_size: Optional[int] = 2048
+    order: Literal["first", "second"] = "first"
+    #: meta-gradient norm clip (null: no clipping)
+    meta_clip: Optional[float] = 0.5
+    #: FTS (meta) Adam rate
+    alpha: float = 1e-3
+    #: NTR Adam rate
+    beta: float = 1e-3
+    ntr_batch_size: int = 64
+    #: simulate() execution path: auto | vmap | chunked | loop
+    simulate_path: Literal["auto", "vmap", "chunked", "loop"] = "auto"
+    chunk_size: Optional[int] = None
+    #: save a checkpoint every this many iterations (0: only at the end)
+    checkpoint_every: int = 50
+    guard: GuardConfig = field(default_factory=GuardConfig)
+
+    def _validate(self, where: str) -> None:
+        for name in ("iterations", "fts_steps", "inner_steps", "query_size", "ntr_batch_size"):
+            value = getattr(self, name)
+            _check(value >= 1, where, name, f"must be >= 1, got {value}")
+        _check(self.ntr_steps >= 0, where, "ntr_steps", f"must be >= 0, got {self.ntr_steps}")
+        _check(len(self.strategies) >= 1, where, "strategies", "must list at least one strategy")
+        _check(self.pool_size is None or self.pool_size >= 2, where, "pool_size", f"must be >= 2 or null, got {self.pool_size}")
+        largest = max(s.batch_size for s in self.strategies) if self.strategies else 0
+        if self.pool_size is not None:
+            _check(largest + self.query_size <= self.pool_size, where, "pool_size",
+                   f"must be >= the largest strategy batch_size + query_size ({largest} + {self.query_size})")
+        _check(self.num_strategies >= 0, where, "num_strategies", f"must be >= 0, got {self.num_strategies}")
+        _check(self.meta_clip is None or self.meta_clip > 0, where, "meta_clip", f"must be > 0 or null, got {self.meta_clip}")
+        _check(self.alpha > 0, where, "alpha", f"must be > 0, got {self.alpha}")
+        _check(self.beta > 0, where, "beta", f"must be > 0, got {self.beta}")
+        _check(self.chunk_size is None or self.chunk_size >= 1, where, "chunk_size", f"must be >= 1 or null, got {self.chunk_size}")
+        _check(self.checkpoint_every >= 0, where, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+
+
+def default_attacks() -> list[dict[str, Any]]:
+    """The demo's attacks: full fine-tuning with SGD momentum and with Adam,
+    head re-initialised then Adam, first layer re-initialised then Adam."""
+    return [
+        {"method": "full", "optimizer": "sgd_momentum", "lr": 1e-2},
+        {"method": "full", "optimizer": "adam", "lr": 1e-3},
+        {"method": "reinit_head", "optimizer": "adam", "lr": 1e-3},
+        {"method": "reinit_layers", "layers": 1, "optimizer": "adam", "lr": 1e-3},
+    ]
+
+
+@dataclass
+class AttackConfig:
+    """The attack check the demo runs after protecting (``sophon attack`` runs bigger grids).
+
+    ``attacks``: each a dict of :class:`sophon_ext.attack.AttackSpec` fields
+    (method, optimizer, lr, layers, hparams, ...); ``epochs``, ``batch_size``
+    and ``seeds`` apply to all of them.
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    seeds: list[int] = field(default_factory=lambda: [0])
+    attacks: list[dict[str, Any]] = field(default_factory=default_attacks)
+
+    def _validate(self, where: str) -> None:
+        from .finetune import AttackSpec
+
+        _check(self.epochs >= 1, where, "epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, where, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(len(self.seeds) >= 1, where, "seeds", "must list at least one seed")
+        _check(len(self.attacks) >= 1, where, "attacks", "must list at least one attack")
+        for i, attack in enumerate(self.attacks):
+            for key in ("epochs", "batch_size", "seed"):
+                _check(key not in attack, f"{_join(where, 'attacks')}[{i}]", key, f"is set for all attacks by {_join(where, key + ('s' if key == 'seed' else ''))}")
+            try:
+                AttackSpec(**attack, epochs=self.epochs, batch_size=self.batch_size)
+            except TypeError as exc:
+                raise ConfigTypeError(f"{_join(where, 'attacks')}[{i}]: {exc}") from None
+            except ValueError as exc:
+                raise ConfigError(f"{_join(where, 'attacks')}[{i}].{exc}") from None
+
+
+@dataclass
+class Config:
+    """A whole run: mode, data, model, pre-training, protection and the attack check."""
+
+    mode: Literal["classification", "generation"] = "classification"
+    seed: int = 0
+    device: str = "cpu"
+    #: keyword arguments of the task plug-in (classification: suppression, ice_weight, klu_weight)
+    task: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    protect: ProtectConfig = field(default_factory=ProtectConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+
+    def _validate(self, where: str) -> None:
+        _check(self.seed >= 0, where, "seed", f"must be >= 0, got {self.seed}")
+        try:
+            import torch
+
+            torch.device(self.device)
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(f"{_join(where, 'device')}: {exc}") from None
+        self._validate_task(where)
+
+    def _validate_task(self, where: str) -> None:
+        from .tasks import make_task
+
+        try:
+            make_task(self.mode, **self.task)
+        except TypeError as exc:
+            raise ConfigTypeError(f"{_join(where, 'task')}: {exc}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{_join(where, 'task')}.{exc}") from None
+        except ImportError as exc:
+            raise ConfigError(f"{_join(where, 'mode')}: {self.mode!r} is not available ({exc})") from None
+
+    # -- conversion -----------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        """Build and validate a config from plain data; unknown keys and bad values raise :class:`ConfigError`."""
+        return _from_dict(cls, data, "")
+
+    def to_dict(self) -> dict:
+        """Plain data (JSON/YAML-ready) that :meth:`from_dict` turns back into an equal config."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        """Re-check every field (after editing attributes in code); returns self."""
+        return _from_dict(type(self), self.to_dict(), "")
+
+    def replace(self, overrides: dict) -> "Config":
+        """A validated copy with nested ``overrides`` merged in, e.g. ``{"protect": {"alpha": 3e-3}}``."""
+        return Config.from_dict(_merge(self.to_dict(), overrides))
+
+
+def load_config(path: str | Path) -> Config:
+    """Load a config from a ``.yaml``/``.yml`` or ``.json`` file (missing keys keep their defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config: no file at {path}")
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json"):
+        raise ConfigError(f"config: {path} must end in .yaml, .yml or .json")
+    import yaml
+
+    try:
+        data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config: cannot parse {path}: {exc}") from None
+    if data is None:
+        data = {}
+    return Config.from_dict(data)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write ``config`` as YAML or JSON (by suffix)."""
+    path = Path(path)
+    data = config.to_dict()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        text = yaml.safe_dump(data, sort_keys=False)
+    elif path.suffix.lower() == ".json":
+        text = json.dumps(data, indent=2) + "\n"
+    else:
+        raise ConfigError(f"config: {path} must end in .yaml, .yml or .json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _check(ok: bool, where: str, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{_join(where, name)}: {message}")
+
+
+def _check_optimizer(name: str, where: str, field_name: str) -> None:
+    from .optim.presets import PRESETS
+
+    _check(name in PRESETS, where, field_name, f"unknown optimizer {name!r}; choose one of {sorted(PRESETS)}")
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("task", "kwargs", "hparams"):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``hint`` and convert nested dataclasses."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(option, value, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        names = " or ".join(_type_name(a) for a in args)
+        raise ConfigTypeError(f"{where}: expected {names}, got {_describe(value)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            value = dataclasses.asdict(value)
+        if not isinstance(value, dict):
+            raise ConfigTypeError(f"{where}: expected a mapping of {hint.__name__} fields, got {_describe(value)}")
+        return _from_dict(hint, value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigTypeError(f"{where}: expected a list, got {_describe(value)}")
+        (item,) = args or (Any,)
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigTypeError(f"{where}: expected a mapping, got {_describe(value)}")
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise ConfigTypeError(f"{where}: keys must be strings, got {bad!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigTypeError(f"{where}: expected bool, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigTypeError(f"{where}: expected int, got {_describe(value)}")
+        return value
+    if hint is float:
+        # YAML reads "1e-3" as a string; accept numeric strings only in float fields
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigTypeError(f"{where}: expected float, got {_describe(value)}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigTypeError(f"{where}: expected float, got {_describe(value)}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where}: must be finite, got {value}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigTypeError(f"{where}: expected str, got {_describe(value)}")
+        return value
+    raise TypeError(f"config: unsupported annotation {hint!r} at {where}")  # a bug in this file
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return "list"
+    if origin is dict:
+        return "mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _from_dict(cls: type, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigTypeError(f"{where or 'config'}: expected a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(f"{_join(where, str(unknown[0]))}: unknown key; {cls.__name__} accepts {names}")
+    kwargs = {k: _convert(hints[k], v, _join(where, k)) for k, v in data.items()}
+    obj = cls(**kwargs)
+    obj._validate(where)
+    return obj

@@ -1,0 +1,622 @@
+"""The SOPHON loop: fine-tuning suppression, normal training reinforcement, guard.
+
+One outer iteration (SOPHON.md, "Algorithm"):
+
+1. FTS, ``fts_steps`` times: draw the simulated strategies, run them with
+   :func:`sophon_ext.simulate` on a restricted-domain batch, put the returned
+   meta-gradient on the parameters, clip its norm, take an Adam step (rate
+   ``alpha``). Buffers (BatchNorm running statistics) are restored afterwards,
+   so FTS never changes them.
+2. NTR, ``ntr_steps`` times: one step of the task's original loss on an
+   original-domain batch with a separate Adam (rate ``beta``); BatchNorm
+   statistics follow the original domain here, in train mode.
+3. Guard, every ``guard.every`` iterations and at the end: the task's metric on
+   the held-out original-domain split; when it is worse than the floor the
+   model and both optimizers roll back to the last good check, then the run
+   stops or continues with lower rates.
+
+The engine knows only the :class:`~sophon_ext.tasks.Task` protocol (nothing
+about classification) and the ``simulate`` contract (nothing about vmap).
+Everything random is drawn from one seeded ``torch.Generator``, whose state,
+with the model, the optimizers and the guard's last good state, goes into the
+checkpoints, so a resumed run ends exactly where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, ProtectConfig, StrategyConfig
+from .data import ArrayDataset, DomainSplits, split
+from .tasks import Task, make_task
+
+DataLike = Any  # ArrayDataset | DomainSplits | (x, y) tuple of tensors / arrays
+
+
+@dataclass
+class ProtectionResult:
+    """What :meth:`Sophon.run` returns."""
+
+    model: nn.Module
+    #: one record per iteration (the JSONL log's lines)
+    history: list[dict]
+    #: guard metric on the held-out original split before protection and at the end
+    start_metric: float | None
+    final_metric: float | None
+    metric_name: str
+    iterations: int
+    stopped: bool
+    stop_reason: str | None
+    seconds: float
+    rollbacks: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _as_dataset(data: DataLike, what: str) -> ArrayDataset:
+    if isinstance(data, ArrayDataset):
+        dataset = data
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        from .data import from_arrays
+
+        try:
+            dataset = from_arrays(*data)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{what}: {exc}") from None
+    else:
+        raise TypeError(f"{what}: expected an ArrayDataset, DomainSplits or an (x, y) pair, got {type(data).__name__}")
+    if len(dataset) == 0:
+        raise ValueError(f"{what}: dataset is empty")
+    return dataset
+
+
+def _train_and_val(data: DataLike, val_fraction: float, seed: int, what: str) -> tuple[ArrayDataset, ArrayDataset]:
+    """The training part and the held-out guard part of a domain."""
+    if isinstance(data, DomainSplits):
+        train, val = _as_dataset(data.train, f"{what}.train"), _as_dataset(data.val, f"{what}.val")
+        return train, val
+    dataset = _as_dataset(data, what)
+    if len(dataset) < 2:
+        raise ValueError(f"{what}: needs at least 2 samples to hold some out for the guard, got {len(dataset)}")
+    train, val = split(dataset, [1.0 - val_fraction, val_fraction], seed=seed)
+    return train, val
+
+
+def _normalise_config(config: Config | ProtectConfig | dict | str | Path | None) -> Config:
+    if config is None:
+        return Config()
+    if isinstance(config, Config):
+        return config.validate()
+    if isinstance(config, ProtectConfig):
+        return Config(protect=config).validate()
+    if isinstance(config, dict):
+        return Config.from_dict(config)
+    if isinstance(config, (str, Path)):
+        from .config import load_config
+
+        return load_config(config)
+    raise TypeError(f"config: expected a Config, ProtectConfig, dict or path, got {type(config).__name__}")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+    if len(devices) > 1:
+        raise ValueError(f"model: parameters and buffers must be on one device, found {sorted(map(str, devices))}")
+    return devices.pop() if devices else torch.device("cpu")
+
+
+def _strategy_from_config(sc: StrategyConfig, default_steps: int, seed: int):
+    from .strategies import FineTuneStrategy
+
+    return FineTuneStrategy(
+        optimizer=sc.optimizer,
+        lr=sc.lr,
+        batch_size=sc.batch_size,
+        steps=sc.steps if sc.steps is not None else default_steps,
+        method=sc.method,
+        hparams=dict(sc.hparams),
+        layers=sc.layers,
+        seed=seed,
+    )
+
+
+class Sophon:
+    """SOPHON protection of ``model`` (modified in place), step by step or all at once.
+
+    Args:
+        model: any ``nn.Module`` the task accepts (classification: logits (N, C)).
+        original: the domain to keep: an ``ArrayDataset``, an ``(x, y)`` pair or
+            ``DomainSplits`` (its ``val`` part feeds the guard; otherwise
+            ``config.data.val_fraction`` is held out).
+        restricted: the domain to make non-fine-tunable (its training part).
+        config: a :class:`~sophon_ext.config.Config`, a
+            :class:`~sophon_ext.config.ProtectConfig`, a dict or a YAML/JSON path.
+        task: a task plug-in; default ``make_task(config.mode, **config.task)``.
+        strategies: a fixed list of :class:`~sophon_ext.FineTuneStrategy` to
+            simulate instead of ``config.protect.strategies``.
+        out_dir: where checkpoints and ``log.jsonl`` go (None: nothing written).
+        model_spec: ``{"name", "kwargs"}`` of the model registry, saved in checkpoints
+            so a run can resume without the Python model object.
+        progress: show a tqdm bar with the live losses.
+        simulate_fn: replaces :func:`sophon_ext.simulate` (same contract).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        original: DataLike,
+        restricted: DataLike,
+        config: Config | ProtectConfig | dict | str | Path | None = None,
+        *,
+        task: Task | None = None,
+        strategies: Sequence | None = None,
+        out_dir: str | Path | None = None,
+        model_spec: dict | None = None,
+        head: str | None = None,
+        progress: bool = False,
+        simulate_fn: Callable | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        self.config = _normalise_config(config)
+        self.pc = self.config.protect
+        self.task = task if task is not None else make_task(self.config.mode, **self.config.task)
+        self.device = torch.device(self.config.device)
+        model_device = _model_device(model)
+        if model_device.type != self.device.type or (self.device.index is not None and model_device != self.device):
+            raise ValueError(f"model: is on {model_device} but config.device is {self.device}; move the model or set device")
+        self.model = model
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError("model: has no trainable parameters")
+        self.model_spec = model_spec
+        self.head = head
+        self.progress = progress
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self._simulate = simulate_fn
+
+        split_seed = self.config.data.split_seed
+        self.original_train, self.original_val = _train_and_val(original, self.config.data.val_fraction, split_seed, "original")
+        restricted_train = restricted.train if isinstance(restricted, DomainSplits) else restricted
+        self.restricted_train = _as_dataset(restricted_train, "restricted")
+        self.original_train = self.original_train.to(self.device)
+        self.original_val = self.original_val.to(self.device)
+        self.restricted_train = self.restricted_train.to(self.device)
+        for name, data in (("original", self.original_train), ("restricted", self.restricted_train)):
+            try:
+                self.task.check_model(model, data.x, data.y)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"{name}: {exc}") from None
+
+        if strategies is not None:
+            strategies = list(strategies)
+            if not strategies:
+                raise ValueError("strategies: must list at least one strategy")
+        self.fixed_strategies = strategies
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        params = list(self.params.values())
+        self.fts_optimizer = torch.optim.Adam(params, lr=self.pc.alpha)
+        self.ntr_optimizer = torch.optim.Adam(params, lr=self.pc.beta)
+
+        self.iteration = 0
+        self.history: list[dict] = []
+        self.start_metric: float | None = None
+        self.last_metric: float | None = None
+        self.last_good: dict | None = None
+        self.rollbacks = 0
+        self.stopped = False
+        self.stop_reason: str | None = None
+        self._seconds = 0.0
+        self._bar = None
+
+    # ------------------------------------------------------------------ sampling
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.generator).item())
+
+    def _draw_strategies(self) -> list:
+        """This FTS step's strategies, each with a fresh seed (new re-initialisations every step)."""
+        if self.fixed_strategies is not None:
+            return [dataclasses.replace(s, seed=self._randint(2**31)) for s in self.fixed_strategies]
+        listed = self.pc.strategies
+        if self.pc.num_strategies:
+            picks = torch.randint(len(listed), (self.pc.num_strategies,), generator=self.generator).tolist()
+            chosen = [listed[i] for i in picks]
+        else:
+            chosen = list(listed)
+        return [_strategy_from_config(sc, self.pc.inner_steps, self._randint(2**31)) for sc in chosen]
+
+    def _sample(self, data: ArrayDataset, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``size`` samples drawn without replacement (with, when the dataset is smaller)."""
+        n = len(data)
+        if size <= n:
+            index = torch.randperm(n, generator=self.generator)[:size]
+        else:
+            index = torch.randint(n, (size,), generator=self.generator)
+        index = index.to(data.x.device)
+        return data.x[index], data.y[index]
+
+    def _restricted_pool(self) -> tuple[tuple, torch.Tensor]:
+        """The restricted-domain samples this FTS step's trajectories draw their batches from."""
+        size = self.pc.pool_size or len(self.restricted_train)
+        x, y = self._sample(self.restricted_train, min(size, len(self.restricted_train)))
+        return self.task.prepare(x, y, self.generator)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _fts_step(self) -> dict:
+        simulate = self._simulate
+        if simulate is None:
+            from .simulate import simulate
+        strategies = self._draw_strategies()
+        inputs, targets = self._restricted_pool()
+        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        self.model.train()
+        result = simulate(
+            self.model,
+            strategies,
+            data=(inputs, targets),
+            adaptation_loss=self.task.adaptation_loss,
+            suppression_loss=self.task.suppression_loss,
+            query_size=self.pc.query_size,
+            order=self.pc.order,
+            path=self.pc.simulate_path,
+            chunk_size=self.pc.chunk_size,
+            head=self.head,
+            generator=self.generator,
+        )
+        # The paper keeps BatchNorm statistics out of FTS; simulate promises
+        # this, restoring makes it hold for any simulate_fn too.
+        with torch.no_grad():
+            for name, buffer in self.model.named_buffers():
+                buffer.copy_(buffers[name])
+        for name, p in self.params.items():
+            grad = result.meta_grad.get(name)
+            p.grad = None if grad is None else grad.detach().to(p.dtype).clone()
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        if self.pc.meta_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.pc.meta_clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros(())
+        self.fts_optimizer.step()
+        self.fts_optimizer.zero_grad(set_to_none=True)
+        losses = result.query_losses.detach().float()
+        return {
+            "sup_loss": float(losses.mean()),
+            "sup_loss_first": float(losses[:, 0].mean()),
+            "sup_loss_last": float(losses[:, -1].mean()),
+            "sup_loss_per_strategy": [float(v) for v in losses[:, -1]],
+            "meta_grad_norm": float(norm),
+            "path": str(getattr(result, "path", "")),
+        }
+
+    def _ntr_step(self) -> float:
+        x, y = self._sample(self.original_train, self.pc.ntr_batch_size)
+        inputs, targets = self.task.prepare(x, y, self.generator)
+        self.model.train()
+        loss = self.task.original_loss(self.model(*inputs), targets)
+        self.ntr_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.ntr_optimizer.step()
+        self.ntr_optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def evaluate_original(self) -> float:
+        """The task's metric on the held-out original-domain split."""
+        seed = self.config.seed  # fixed, so the guard compares like with like (generation draws noise)
+        metrics = self.task.evaluate(self.model, self.original_val.x, self.original_val.y, seed=seed)
+        return float(metrics[self.task.metric_name])
+
+    def _bound(self) -> float | None:
+        """The worst acceptable guard metric, or None when nothing is enforced."""
+        guard = self.pc.guard
+        better = 1.0 if self.task.higher_is_better else -1.0
+        bounds = []
+        if guard.floor is not None:
+            bounds.append(guard.floor)
+        if guard.max_drop is not None and self.start_metric is not None:
+            drop = guard.max_drop * abs(self.start_metric) if guard.drop_is_fraction else guard.max_drop
+            bounds.append(self.start_metric - better * drop)
+        if not bounds:
+            return None
+        return max(bounds) if better > 0 else min(bounds)
+
+    def _is_good(self, metric: float) -> bool:
+        if not math.isfinite(metric):
+            return False
+        bound = self._bound()
+        if bound is None:
+            return True
+        return metric >= bound if self.task.higher_is_better else metric <= bound
+
+    def _snapshot(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "metric": self.last_metric,
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "fts_optimizer": copy.deepcopy(self.fts_optimizer.state_dict()),
+            "ntr_optimizer": copy.deepcopy(self.ntr_optimizer.state_dict()),
+        }
+
+    def _restore(self, snapshot: dict) -> None:
+        self.model.load_state_dict(snapshot["model"])
+        self.fts_optimizer.load_state_dict(snapshot["fts_optimizer"])
+        self.ntr_optimizer.load_state_dict(snapshot["ntr_optimizer"])
+
+    def _scale_rates(self, factor: float) -> None:
+        for opt in (self.fts_optimizer, self.ntr_optimizer):
+            for group in opt.param_groups:
+                group["lr"] *= factor
+
+    def _guard(self, record: dict) -> None:
+        metric = self.evaluate_original()
+        self.last_metric = metric
+        record["original_" + self.task.metric_name] = metric
+        if not self.pc.guard.enabled or self._is_good(metric):
+            self.last_good = self._snapshot()
+            return
+        # Roll back to the last good state; keep the random stream moving on.
+        good = self.last_good
+        self._restore(good)
+        self.last_metric = good["metric"]
+        self.rollbacks += 1
+        record["rollback_to"] = good["iteration"]
+        reason = f"original-domain {self.task.metric_name} {metric:.4g} crossed the guard bound {self._bound():.4g}"
+        if self.pc.guard.action == "stop" or self.rollbacks > self.pc.guard.max_rollbacks:
+            self.stopped, self.stop_reason = True, reason + f"; rolled back to iteration {good['iteration']} and stopped"
+        else:
+            self._scale_rates(self.pc.guard.lr_factor)
+            record["rates_scaled_by"] = self.pc.guard.lr_factor
+        self.last_good = self._snapshot()
+        self.last_good["iteration"] = good["iteration"]
+
+    def _start(self) -> None:
+        if self.start_metric is None:
+            self.start_metric = self.last_metric = self.evaluate_original()
+            self.last_good = self._snapshot()
+
+    def step(self) -> dict:
+        """Run one outer iteration (FTS, NTR, maybe the guard); returns its log record."""
+        if self.stopped:
+            raise RuntimeError(f"Sophon.step: the run has stopped ({self.stop_reason})")
+        self._start()
+        started = time.perf_counter()
+        self.iteration += 1
+        record: dict[str, Any] = {"iteration": self.iteration}
+        fts = [self._fts_step() for _ in range(self.pc.fts_steps)]
+        record.update({k: v for k, v in fts[-1].items() if k not in ("sup_loss", "sup_loss_first", "sup_loss_last")})
+        for key in ("sup_loss", "sup_loss_first", "sup_loss_last"):
+            record[key] = sum(f[key] for f in fts) / len(fts)
+        ntr = [self._ntr_step() for _ in range(self.pc.ntr_steps)]
+        if ntr:
+            record["ntr_loss"] = sum(ntr) / len(ntr)
+        if not all(math.isfinite(record[k]) for k in ("sup_loss", "meta_grad_norm")) or not all(map(math.isfinite, ntr)):
+            record["non_finite"] = True
+        at_end = self.iteration >= self.pc.iterations
+        if record.get("non_finite") or self.iteration % self.pc.guard.every == 0 or at_end:
+            self._guard(record)
+        record["alpha"] = self.fts_optimizer.param_groups[0]["lr"]
+        record["beta"] = self.ntr_optimizer.param_groups[0]["lr"]
+        record["seconds"] = time.perf_counter() - started
+        self._seconds += record["seconds"]
+        self.history.append(record)
+        self._log(record)
+        every = self.pc.checkpoint_every
+        if self.out_dir is not None and ((every and self.iteration % every == 0) or at_end or self.stopped):
+            self.save_checkpoint()
+        return record
+
+    def run(self, iterations: int | None = None, stop_after: int | None = None) -> ProtectionResult:
+        """Iterate until ``iterations`` (default ``config.protect.iterations``) are done or the guard stops.
+
+        ``stop_after`` ends this call after that many iterations (the run can be
+        continued later, e.g. from a checkpoint).
+        """
+        total = self.pc.iterations if iterations is None else iterations
+        if total != self.pc.iterations:
+            self.config = self.config.replace({"protect": {"iterations": total}})
+            self.pc = self.config.protect
+        todo = total - self.iteration
+        if stop_after is not None:
+            todo = min(todo, stop_after)
+        self._open_bar(total)
+        try:
+            for _ in range(max(todo, 0)):
+                if self.stopped:
+                    break
+                record = self.step()
+                self._update_bar(record)
+        finally:
+            self._close_bar()
+        return self.result()
+
+    def result(self) -> ProtectionResult:
+        return ProtectionResult(
+            model=self.model,
+            history=list(self.history),
+            start_metric=self.start_metric,
+            final_metric=self.last_metric,
+            metric_name=self.task.metric_name,
+            iterations=self.iteration,
+            stopped=self.stopped,
+            stop_reason=self.stop_reason,
+            seconds=self._seconds,
+            rollbacks=self.rollbacks,
+        )
+
+    # ------------------------------------------------------------------ progress / log
+
+    def _open_bar(self, total: int) -> None:
+        if not self.progress:
+            return
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, initial=self.iteration, desc="sophon protect", unit="it", dynamic_ncols=True)
+
+    def _update_bar(self, record: dict) -> None:
+        if self._bar is None:
+            return
+        post = {"sup": f"{record['sup_loss_last']:.3f}"}
+        if "ntr_loss" in record:
+            post["ntr"] = f"{record['ntr_loss']:.3f}"
+        if self.last_metric is not None:
+            post[self.task.metric_name[:3]] = f"{self.last_metric:.3f}"
+        self._bar.set_postfix(post, refresh=False)
+        self._bar.update(1)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    @property
+    def log_path(self) -> Path | None:
+        return self.out_dir / "log.jsonl" if self.out_dir is not None else None
+
+    def _log(self, record: dict) -> None:
+        if self.log_path is None:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return self.out_dir / "checkpoint" if self.out_dir is not None else None
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs (tensors and JSON-ready values)."""
+        state = {
+            "iteration": self.iteration,
+            "model": dict(self.model.state_dict()),
+            "fts_optimizer": self.fts_optimizer.state_dict(),
+            "ntr_optimizer": self.ntr_optimizer.state_dict(),
+            "generator": ckpt.generator_state(self.generator),
+            "torch_rng": ckpt.generator_state(torch.default_generator),
+            "start_metric": self.start_metric,
+            "last_metric": self.last_metric,
+            "last_good": self.last_good,
+            "rollbacks": self.rollbacks,
+            "stopped": self.stopped,
+            "stop_reason": self.stop_reason,
+            "seconds": self._seconds,
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        try:
+            self.model.load_state_dict(state["model"])
+            self.fts_optimizer.load_state_dict(state["fts_optimizer"])
+            self.ntr_optimizer.load_state_dict(state["ntr_optimizer"])
+            ckpt.set_generator_state(self.generator, state["generator"])
+            ckpt.set_generator_state(torch.default_generator, state["torch_rng"])
+            if "cuda_rng" in state and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+            self.iteration = int(state["iteration"])
+            self.start_metric = state["start_metric"]
+            self.last_metric = state["last_metric"]
+            self.last_good = state["last_good"]
+            if self.last_good is not None:
+                self.last_good["model"] = {k: v.to(self.device) for k, v in self.last_good["model"].items()}
+            self.rollbacks = int(state["rollbacks"])
+            self.stopped = bool(state["stopped"])
+            self.stop_reason = state["stop_reason"]
+            self._seconds = float(state["seconds"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+            raise ckpt.CheckpointError(f"checkpoint: state does not fit this run: {exc}") from None
+
+    def save_checkpoint(self, directory: str | Path | None = None) -> Path:
+        """Write the resumable state atomically (default: ``out_dir/checkpoint``)."""
+        directory = Path(directory) if directory is not None else self.checkpoint_dir
+        if directory is None:
+            raise ValueError("save_checkpoint: give a directory or construct Sophon with out_dir")
+        metadata = {"config": self.config.to_dict(), "model_spec": self.model_spec, "task": self.task.name, "iteration": self.iteration}
+        return ckpt.save_checkpoint(directory, self.state_dict(), metadata)
+
+    def resume(self, directory: str | Path | None = None) -> "Sophon":
+        """Continue from the checkpoint in ``directory`` (default ``out_dir/checkpoint``).
+
+        The checkpoint must come from a run with the same config; the JSONL log
+        is cut back to the checkpoint's iteration so it matches an uninterrupted run.
+        """
+        directory = Path(directory) if directory is not None else self.checkpoint_dir
+        if directory is None:
+            raise ValueError("resume: give a directory or construct Sophon with out_dir")
+        state, metadata = ckpt.load_checkpoint(directory, map_location=self.device)
+        saved = metadata.get("config")
+        if saved is not None and _without_iterations(saved) != _without_iterations(self.config.to_dict()):
+            raise ckpt.CheckpointError(
+                f"checkpoint: {directory} was written with a different config; resume with the saved one "
+                "(sophon protect --resume reads it from the checkpoint)"
+            )
+        self.load_state_dict(state)
+        self.history = self._read_log()
+        self._rewrite_log()
+        return self
+
+    def _read_log(self) -> list[dict]:
+        if self.log_path is None or not self.log_path.is_file():
+            return []
+        records = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break  # a line cut by the kill
+            if record.get("iteration", 0) > self.iteration:
+                break
+            records.append(record)
+        return records
+
+    def _rewrite_log(self) -> None:
+        if self.log_path is None:
+            return
+        text = "".join(json.dumps(r) + "\n" for r in self.history)
+        ckpt.atomic_write_bytes(self.log_path, text.encode())
+
+
+def _without_iterations(config: dict) -> dict:
+    # A resumed run may be asked to go further than the first one planned.
+    out = copy.deepcopy(config)
+    out.get("protect", {}).pop("iterations", None)
+    return out
+
+
+def protect(
+    model: nn.Module,
+    original: DataLike,
+    restricted: DataLike,
+    config: Config | ProtectConfig | dict | str | Path | None = None,
+    *,
+    inplace: bool = False,
+    **kwargs,
+) -> nn.Module:
+    """Return a SOPHON-protected copy of ``model`` (``inplace=True`` modifies ``model`` itself).
+
+    ``original`` is the domain the model must keep working on, ``restricted``
+    the one it must resist being fine-tuned to; both are ``ArrayDataset``s,
+    ``(x, y)`` pairs or ``DomainSplits``. Other keyword arguments go to
+    :class:`Sophon` (``task``, ``strategies``, ``out_dir``, ``progress``, ...).
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    Sophon(model, original, restricted, config, **kwargs).run()
+    return model
+
+
+__all__ = ["Sophon", "protect", "ProtectionResult", "ConfigError"]

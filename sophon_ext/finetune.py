@@ -1,0 +1,344 @@
+"""One real fine-tuning run: an attack's surgery on a copy of a starting model,
+then an ordinary ``torch.optim`` training loop, evaluated after every epoch.
+
+Seeding (so a plain loop can reproduce a run exactly): for an attack with
+``seed=s`` the surgery draws from ``torch.Generator().manual_seed(s)``, the
+data order (one ``torch.randperm`` per epoch) and ``task.prepare`` draw from a
+second ``torch.Generator().manual_seed(s)``, and the global torch RNG is
+seeded with ``s`` (restored afterwards) for anything else (dropout).
+Batches are cut from the permutation in order, the last one may be smaller.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import surgery
+from .data import ArrayDataset
+from .lora import add_lora
+from .optim.presets import PRESETS, make_torch_optimizer
+
+#: every attack method; the first five are shared with the simulator (surgery.METHODS)
+ATTACK_METHODS = surgery.METHODS + ("probe", "lora")
+#: methods that need a classifier head whose output is the model's output
+HEAD_METHODS = ("reinit_head", "head_only", "probe")
+#: methods that train a new head sized to the restricted data's labels
+NEW_HEAD_METHODS = ("reinit_head", "probe")
+#: learning-rate schedules, as a factor of the base lr at optimizer step t of T
+SCHEDULES = ("constant", "cosine", "linear", "step")
+#: methods that read ``layers`` and their default when it is None
+_DEFAULT_LAYERS = {"reinit_layers": 1, "freeze_first": 1}
+
+
+@dataclass
+class AttackSpec:
+    """One attack: what is trained, with which optimizer, for how long, from which seed.
+
+    ``layers`` is read by ``reinit_layers`` / ``freeze_first`` (a count of
+    first parametrised layers, or module names; default 1) and ``probe`` (the
+    module whose output is probed, or a count k meaning the k-th parametrised
+    layer; default the middle one). ``rank`` is read by ``lora``. ``hparams``
+    are extra optimizer hyperparameters (torch.optim names) on top of the
+    preset's.
+    """
+
+    method: str = "full"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    batch_size: int = 64
+    epochs: int = 10
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    layers: int | str | list[str] | None = None
+    rank: int = 4
+    seed: int = 0
+    hparams: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in ATTACK_METHODS:
+            raise ValueError(f"method: unknown attack method {self.method!r}; choose one of {ATTACK_METHODS}")
+        if self.optimizer not in PRESETS:
+            raise ValueError(f"optimizer: unknown name {self.optimizer!r}; choose one of {sorted(PRESETS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
+        for name in ("batch_size", "epochs", "rank", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}: expected an int, got {value!r}")
+        if self.batch_size < 1 or self.epochs < 1 or self.rank < 1:
+            raise ValueError(f"batch_size, epochs, rank: must be >= 1, got {self.batch_size}, {self.epochs}, {self.rank}")
+        self.lr = float(self.lr)
+        self.weight_decay = float(self.weight_decay)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr: must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if not isinstance(self.hparams, dict):
+            raise TypeError(f"hparams: expected a dict of optimizer hyperparameters, got {type(self.hparams).__name__}")
+        if "lr" in self.hparams or "weight_decay" in self.hparams:
+            raise ValueError("hparams: give lr and weight_decay as the attack's own fields, not in hparams")
+        if isinstance(self.layers, tuple):
+            self.layers = list(self.layers)
+
+    @property
+    def name(self) -> str:
+        """A readable, file-name-safe id that differs whenever the attack differs."""
+        parts = [self.method, self.optimizer, f"lr{self.lr:g}", f"bs{self.batch_size}", f"ep{self.epochs}",
+                 f"wd{self.weight_decay:g}", self.schedule]
+        if self.method in ("reinit_layers", "freeze_first", "probe") and self.layers is not None:
+            layers = self.layers if not isinstance(self.layers, list) else "+".join(self.layers)
+            parts.append(f"L{layers}")
+        if self.method == "lora":
+            parts.append(f"r{self.rank}")
+        for key in sorted(self.hparams):
+            parts.append(f"{key}{self.hparams[key]}")
+        parts.append(f"s{self.seed}")
+        return re.sub(r"[^A-Za-z0-9._+=-]", "_", "-".join(str(p) for p in parts))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def as_dataset(data, argument: str) -> ArrayDataset:
+    """Accept an :class:`ArrayDataset` or an ``(x, y)`` pair of tensors."""
+    if isinstance(data, ArrayDataset):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return ArrayDataset(torch.as_tensor(data[0]), torch.as_tensor(data[1]))
+    raise TypeError(f"{argument}: expected an ArrayDataset or an (x, y) pair, got {type(data).__name__}")
+
+
+def schedule_factor(name: str, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base lr at optimizer step ``t`` (0-based) of ``total_steps``.
+
+    ``cosine``: half a cosine down to 0; ``linear``: straight down to 0;
+    ``step``: x0.1 after half and again after three quarters of the steps.
+    """
+    total = max(int(total_steps), 1)
+    if name == "constant":
+        return lambda t: 1.0
+    if name == "cosine":
+        return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
+    if name == "linear":
+        return lambda t: max(0.0, 1.0 - t / total)
+    if name == "step":
+        return lambda t: 1.0 if t < total // 2 else (0.1 if t < (3 * total) // 4 else 0.01)
+    raise ValueError(f"schedule: unknown schedule {name!r}; choose one of {SCHEDULES}")
+
+
+class LinearProbe(nn.Module):
+    """A new linear layer on the flattened output of ``layer`` inside a frozen ``backbone``.
+
+    The backbone always runs in eval mode under ``no_grad``: only the probe trains.
+    """
+
+    def __init__(self, backbone: nn.Module, layer: str, sample_inputs: tuple, num_outputs: int,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.backbone = backbone
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.layer = layer
+        self._features: torch.Tensor | None = None
+        backbone.get_submodule(layer).register_forward_hook(self._keep)
+        dim = self._extract(sample_inputs).shape[1]
+        ref = next(backbone.parameters(), None)
+        self.linear = nn.Linear(dim, num_outputs, device=getattr(ref, "device", None))
+        surgery.reinitialise(self, ["linear"], generator)
+
+    def _keep(self, module, inputs, output) -> None:
+        self._features = output
+
+    def _extract(self, inputs: tuple) -> torch.Tensor:
+        was_training = self.backbone.training
+        self.backbone.eval()
+        with torch.no_grad():
+            self.backbone(*inputs)
+        self.backbone.train(was_training)
+        features, self._features = self._features, None
+        return features.flatten(1)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.linear(self._extract(inputs))
+
+
+def _label_count(*datasets: ArrayDataset) -> int:
+    return max(d.num_classes for d in datasets)
+
+
+def _check_head(model: nn.Module, task, method: str, sample_inputs: tuple, head: str | None) -> str:
+    """Name of the classifier head, after checking the model's output comes straight out of it."""
+    if getattr(task, "has_head", True) is False:
+        raise ValueError(f"method: {method!r} needs a classifier head, and task {task.name!r} has none")
+    try:
+        head_name = surgery.find_head(model, head)
+    except ValueError as exc:
+        raise ValueError(f"method: {method!r} needs a classifier head: {exc}") from exc
+    captured = {}
+    handle = model.get_submodule(head_name).register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(*sample_inputs)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    head_out = captured.get("out")
+    if not (isinstance(head_out, torch.Tensor) and isinstance(out, torch.Tensor)
+            and head_out.shape == out.shape and torch.equal(head_out, out)):
+        raise ValueError(
+            f"method: {method!r} needs a classifier head whose output is the model's output; "
+            f"{head_name!r} is not (pass the head's module name, or use a method that keeps the model whole)"
+        )
+    return head_name
+
+
+def _probe_layer(model: nn.Module, layers) -> str:
+    names = surgery.parametrised_layers(model)
+    if layers is None:
+        return names[max(len(names) // 2 - 1, 0)]
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        if not 1 <= layers <= len(names):
+            raise ValueError(f"layers: the probe's layer count must be in [1, {len(names)}], got {layers}")
+        return names[layers - 1]
+    resolved = surgery.resolve_layers(model, layers)
+    if len(resolved) != 1:
+        raise ValueError(f"layers: a probe reads one layer, got {resolved}")
+    return resolved[0]
+
+
+def prepare_attack_model(model: nn.Module, spec: AttackSpec, task, train: ArrayDataset, test: ArrayDataset,
+                         head: str | None = None, generator: torch.Generator | None = None,
+                         device: str | torch.device | None = None) -> tuple[nn.Module, list]:
+    """A copy of ``model`` (on ``device``) after the attack's surgery, and the parameters the attack trains.
+
+    Raises ``ValueError`` when the method needs a head the model lacks, or when
+    the data's labels do not fit a head the method keeps.
+    """
+    model = copy.deepcopy(model)
+    if device is not None:
+        model.to(device)
+    method = spec.method
+    sample_inputs, _ = task.prepare(train.x[:2], train.y[:2], torch.Generator().manual_seed(0))
+    head_name = _check_head(model, task, method, sample_inputs, head) if method in HEAD_METHODS else None
+    if method == "reinit_head":
+        head_module = model.get_submodule(head_name)
+        outputs = _label_count(train, test)
+        if isinstance(head_module, nn.Linear) and head_module.out_features != outputs:
+            # an attacker sizes the new head to the restricted domain's labels
+            parent_name, _, child = head_name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, nn.Linear(head_module.in_features, outputs, device=head_module.weight.device,
+                                             dtype=head_module.weight.dtype))
+        surgery.reinitialise(model, [head_name], generator)
+    elif method == "reinit_layers":
+        surgery.reinitialise(model, surgery.resolve_layers(model, spec.layers or _DEFAULT_LAYERS[method]), generator)
+    elif method == "probe":
+        model = LinearProbe(model, _probe_layer(model, spec.layers), sample_inputs, _label_count(train, test), generator)
+    elif method == "lora":
+        add_lora(model, spec.rank, generator=generator)
+
+    if method == "head_only":
+        trainable = set(surgery.parameter_names(model, [head_name]))
+    elif method == "freeze_first":
+        frozen = set(surgery.parameter_names(model, surgery.resolve_layers(model, spec.layers or _DEFAULT_LAYERS[method])))
+        trainable = {n for n, _ in model.named_parameters()} - frozen
+    elif method in ("probe", "lora"):
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        trainable = {n for n, _ in model.named_parameters()}
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+        if name in trainable:
+            params.append(p)
+    if not params:
+        raise ValueError(f"method: {method!r} with layers={spec.layers!r} leaves no parameter to train")
+    try:
+        task.check_model(model, train.x, train.y)
+        task.check_model(model, test.x, test.y)
+    except ValueError as exc:
+        keeps = "keeps the model's head" if method not in NEW_HEAD_METHODS else "builds a new head"
+        raise ValueError(f"attack {spec.name}: method {method!r} {keeps}: {exc}") from exc
+    return model, params
+
+
+def _finite(value: float) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def fine_tune(model: nn.Module, spec: AttackSpec, task, train, test, device: str | torch.device = "cpu",
+              head: str | None = None) -> dict:
+    """Run ``spec`` on a copy of ``model`` (the model itself is untouched).
+
+    Returns the run's curves: ``metric`` and ``loss`` on ``test`` (``epochs + 1``
+    entries, entry 0 after the surgery and before any step), ``train_loss``
+    (entry 0 is None), ``diverged`` / ``diverged_at_epoch`` (a non-finite
+    training or test loss; later entries are None), ``steps_per_epoch``,
+    ``trainable_parameters`` and ``time_s``.
+    """
+    train, test = as_dataset(train, "train").to(device), as_dataset(test, "test").to(device)
+    started = time.perf_counter()
+    devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(spec.seed)
+        surgery_gen = torch.Generator().manual_seed(spec.seed)
+        data_gen = torch.Generator().manual_seed(spec.seed)
+        attacked, params = prepare_attack_model(model, spec, task, train, test, head, surgery_gen, device)
+        curve = _train_loop(attacked, params, spec, task, train, test, data_gen)
+    curve["trainable_parameters"] = sum(p.numel() for p in params)
+    curve["time_s"] = time.perf_counter() - started
+    return curve
+
+
+def _train_loop(model: nn.Module, params: Sequence[torch.Tensor], spec: AttackSpec, task, train: ArrayDataset,
+                test: ArrayDataset, generator: torch.Generator) -> dict:
+    optimizer = make_torch_optimizer(spec.optimizer, params, spec.lr, {**spec.hparams, "weight_decay": spec.weight_decay})
+    n = len(train)
+    steps_per_epoch = math.ceil(n / spec.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(spec.schedule, steps_per_epoch * spec.epochs))
+    first = task.evaluate(model, test.x, test.y, seed=spec.seed)
+    if not (_finite(first.get("loss")) and _finite(first.get(task.metric_name))):
+        raise ValueError(f"model: gives a non-finite {task.metric_name} or loss before any fine-tuning ({first}); "
+                         "check the starting model's weights")
+    metric, loss, train_loss = [first[task.metric_name]], [first["loss"]], [None]
+    diverged_at = None
+    for epoch in range(1, spec.epochs + 1):
+        model.train()
+        order = torch.randperm(n, generator=generator).to(train.x.device)
+        loss_sum = torch.zeros((), device=train.x.device)
+        for start in range(0, n, spec.batch_size):
+            index = order[start : start + spec.batch_size]
+            inputs, targets = task.prepare(train.x[index], train.y[index], generator)
+            batch_loss = task.adaptation_loss(model(*inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            batch_loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += batch_loss.detach() * index.numel()
+        epoch_loss = float(loss_sum) / n  # one host sync per epoch
+        scores = task.evaluate(model, test.x, test.y, seed=spec.seed) if _finite(epoch_loss) else {}
+        if not (_finite(epoch_loss) and _finite(scores.get("loss")) and _finite(scores.get(task.metric_name))):
+            diverged_at = epoch
+            break
+        metric.append(scores[task.metric_name])
+        loss.append(scores["loss"])
+        train_loss.append(epoch_loss)
+    missing = spec.epochs + 1 - len(metric)
+    return {
+        "metric": metric + [None] * missing,
+        "loss": loss + [None] * missing,
+        "train_loss": train_loss + [None] * missing,
+        "diverged": diverged_at is not None,
+        "diverged_at_epoch": diverged_at,
+        "steps_per_epoch": steps_per_epoch,
+    }

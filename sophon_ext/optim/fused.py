@@ -1,0 +1,343 @@
+"""Fused multi-trajectory optimizer update: N trajectories, one op call.
+
+``torch.ops.sophon_ext.multi_step_update_`` updates, in place and in one pass,
+the stacked flat parameters ``(N, P)`` of N trajectories with per-trajectory
+hyperparameters. Kinds: ``sgd`` (momentum, dampening, Nesterov, weight decay),
+``adam``, ``adamw`` and ``lion``. Each row follows the same formulas as
+:mod:`sophon_ext.optim.functional` (and so torch.optim).
+
+:class:`FusedMultiTrajectoryOptimizer` keeps the flat buffers: trajectories'
+parameters and gradients are views into them, so a training loop over N model
+copies does its backward passes as usual and then calls one ``step()``.
+
+The op is not differentiable (it is for first-order updates); differentiate
+through :mod:`sophon_ext.optim.functional` instead.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._ops import define_op
+from .functional import HyperParam, get_functional_optimizer, validate_hparams
+from .presets import resolve_preset
+
+FUSED_KINDS = ("adam", "adamw", "lion", "sgd")
+
+_SCHEMA = (
+    "(Tensor(a!) params, Tensor grads, Tensor(b!) state1, Tensor(c!) state2, Tensor(d!) step, "
+    "Tensor lr, Tensor momentum, Tensor dampening, Tensor beta1, Tensor beta2, Tensor weight_decay, "
+    "Tensor eps, str kind, bool nesterov) -> ()"
+)
+# state1 / state2 of each kind, named as the functional optimizer's buffers
+_STATE_BUFFERS = {
+    "sgd": ("momentum_buffer", None),
+    "adam": ("exp_avg", "exp_avg_sq"),
+    "adamw": ("exp_avg", "exp_avg_sq"),
+    "lion": ("exp_avg", None),
+}
+_HP_ARGS = ("lr", "momentum", "dampening", "beta1", "beta2", "weight_decay", "eps")
+_PREFIX = "multi_step_update_: "
+
+
+def _check_like_params(t: Tensor, name: str, params: Tensor, written: bool) -> None:
+    if t.shape != params.shape:
+        raise ValueError(f"{_PREFIX}{name} must have the shape of params {list(params.shape)}, got {list(t.shape)}")
+    if t.dtype != params.dtype:
+        raise TypeError(f"{_PREFIX}{name} must have dtype {params.dtype} like params, got {t.dtype}")
+    if t.device != params.device:
+        raise ValueError(f"{_PREFIX}{name} must be on device {params.device} like params, got {t.device}")
+    if written and not t.is_contiguous():
+        raise ValueError(f"{_PREFIX}{name} must be contiguous (it is updated in place)")
+
+
+def _check_arguments(params, grads, state1, state2, step, hps: dict, kind: str, nesterov: bool) -> None:
+    """The checks of the compiled op (check_arguments + fill_row in csrc/), same order and messages."""
+    if kind not in FUSED_KINDS:
+        raise ValueError(f"{_PREFIX}unknown kind {kind!r}; accepted: {', '.join(map(repr, FUSED_KINDS))}")
+    if params.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{_PREFIX}params must be float32 or float64, got {params.dtype}")
+    if params.dim() != 2:
+        raise ValueError(f"{_PREFIX}params must be 2-D (trajectories, flattened parameters), got shape {list(params.shape)}")
+    if not params.is_contiguous():
+        raise ValueError(f"{_PREFIX}params must be contiguous (it is updated in place)")
+    _check_like_params(grads, "grads", params, written=False)
+    if nesterov and kind != "sgd":
+        raise ValueError(f"{_PREFIX}nesterov applies only to kind 'sgd', got kind {kind!r}")
+    n = params.shape[0]
+    for name, t in {"step": step, **hps}.items():
+        if t.dim() != 1 or t.shape[0] != n:
+            raise ValueError(f"{_PREFIX}{name} must have shape [{n}] (one value per trajectory), got {list(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{_PREFIX}{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != params.device:
+            raise ValueError(f"{_PREFIX}{name} must be on device {params.device} like params, got {t.device}")
+    if not step.is_contiguous():
+        raise ValueError(f"{_PREFIX}step must be contiguous (it is updated in place)")
+    h = {k: v.double() for k, v in hps.items()}
+    checks = [("lr", h["lr"] >= 0, ">= 0"), ("weight_decay", h["weight_decay"] >= 0, ">= 0")]
+    with_buffers = kind == "sgd" and state1.numel() != 0
+    if kind == "sgd":
+        checks += [("momentum", h["momentum"] >= 0, ">= 0"), ("dampening", torch.isfinite(h["dampening"]), "finite")]
+        if nesterov:
+            checks += [("momentum", h["momentum"] > 0, "> 0 with nesterov"), ("dampening", h["dampening"] == 0, "0 with nesterov")]
+        if not with_buffers:
+            checks.append(("momentum", h["momentum"] == 0, "0 when state1 (momentum buffers) is empty"))
+    else:
+        checks += [(b, (h[b] >= 0) & (h[b] < 1), "in [0, 1)") for b in ("beta1", "beta2")]
+        if kind != "lion":
+            checks.append(("eps", h["eps"] >= 0, ">= 0"))
+    if with_buffers:
+        _check_like_params(state1, "state1 (momentum buffers)", params, written=True)
+    if kind in ("adam", "adamw"):
+        _check_like_params(state1, "state1 (exp_avg)", params, written=True)
+        _check_like_params(state2, "state2 (exp_avg_sq)", params, written=True)
+    if kind == "lion":
+        _check_like_params(state1, "state1 (exp_avg)", params, written=True)
+    for name, ok, accepted in checks:
+        if not bool(ok.all()):
+            row = int((~ok).nonzero()[0, 0])
+            raise ValueError(
+                f"{_PREFIX}{name} must be {accepted} for every trajectory, got {h[name][row].item()} at trajectory {row}"
+            )
+
+
+def _reference(params, grads, state1, state2, step, lr, momentum, dampening, beta1, beta2, weight_decay, eps, kind, nesterov):
+    """Pure-PyTorch fallback: the functional optimizer applied to all N rows at once
+    (per-trajectory hyperparameters and step counters broadcast as (N, 1) columns)."""
+    hps = dict(zip(_HP_ARGS, (lr, momentum, dampening, beta1, beta2, weight_decay, eps)))
+    _check_arguments(params, grads, state1, state2, step, hps, kind, nesterov)
+    opt = get_functional_optimizer(kind)
+    hp = {name: hps[name][:, None] for name in opt.defaults if name in hps}
+    if kind == "sgd":
+        hp["nesterov"] = nesterov
+    names = _STATE_BUFFERS[kind]
+    stored = [s for s, name in zip((state1, state2), names) if name is not None]
+    if kind == "sgd" and state1.numel() == 0:  # every momentum is 0 (checked): no buffer
+        stored = [torch.zeros_like(params)]
+    state = {"step": step[:, None], **{opt.state_key(name, "flat"): s for name, s in zip(names, stored)}}
+    new_params, new_state = opt.step({"flat": params}, {"flat": grads}, state, hp)
+    with torch.no_grad():
+        params.copy_(new_params["flat"])
+        step.copy_(new_state["step"][:, 0])
+        for name, s in zip(names, (state1, state2)):
+            if name is not None and s.numel():
+                s.copy_(new_state[opt.state_key(name, "flat")])
+
+
+multi_step_update_op = define_op("multi_step_update_", _SCHEMA, _reference)
+
+
+@torch.library.register_fake("sophon_ext::multi_step_update_")
+def _fake(params, grads, state1, state2, step, lr, momentum, dampening, beta1, beta2, weight_decay, eps, kind, nesterov):
+    return None
+
+
+def multi_step_update_(
+    params: Tensor,
+    grads: Tensor,
+    state1: Tensor,
+    state2: Tensor,
+    step: Tensor,
+    *,
+    kind: str,
+    lr: Tensor,
+    momentum: Tensor,
+    dampening: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    weight_decay: Tensor,
+    eps: Tensor,
+    nesterov: bool = False,
+) -> None:
+    """Update ``params`` (N, P) in place from ``grads`` (N, P); keyword access to the op.
+
+    ``state1``/``state2`` are the kind's buffers (sgd: momentum buffer, or an
+    empty tensor when every momentum is 0; adam/adamw: exp_avg, exp_avg_sq;
+    lion: exp_avg); unused ones may be empty. ``step`` (N,) counts the updates
+    done and is advanced by one. Hyperparameters are (N,) floating tensors;
+    those a kind does not use are ignored.
+    """
+    multi_step_update_op(
+        params, grads, state1, state2, step, lr, momentum, dampening, beta1, beta2, weight_decay, eps, kind, nesterov
+    )
+
+
+# values for the op arguments a kind does not read
+_UNUSED_FILLER = {"momentum": 0.0, "dampening": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+
+
+def _per_trajectory(base: str, hparams, n: int) -> dict[str, HyperParam]:
+    """One dict (numbers, bools, N-value sequences/tensors) or N dicts -> {name: value}."""
+    if isinstance(hparams, Mapping):
+        items = dict(hparams)
+    else:
+        rows = list(hparams)
+        if len(rows) != n:
+            raise ValueError(f"hparams: expected one dict per trajectory ({n}), got {len(rows)}")
+        opt = get_functional_optimizer(base)
+        for row in rows:
+            opt.resolve(row)  # unknown names -> ValueError listing the accepted ones
+        items = {name: [row.get(name, opt.defaults[name]) for row in rows] for name in set().union(*rows)}
+    out: dict[str, HyperParam] = {}
+    for name, value in items.items():
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, bool) for v in value):
+            if len(set(value)) != 1:
+                raise ValueError(f"hparams[{name!r}]: must be the same for every trajectory, got {list(value)}")
+            value = value[0]
+        elif isinstance(value, (list, tuple, Tensor)):
+            value = torch.as_tensor(value, dtype=torch.float64).detach()
+            if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != n):
+                raise ValueError(
+                    f"hparams[{name!r}]: expected a number or {n} values (one per trajectory), got shape {list(value.shape)}"
+                )
+        out[name] = value
+    return out
+
+
+class FusedMultiTrajectoryOptimizer:
+    """N trajectories' parameters in flat ``(N, P)`` buffers, updated by one op call.
+
+    Args:
+        params: name -> stacked tensor ``(N, *shape)`` (trajectory first), or
+            use :meth:`from_modules` to bind N model copies.
+        optimizer: a base or preset name whose base is ``sgd``, ``adam``,
+            ``adamw`` or ``lion`` (e.g. ``"nesterov"``).
+        hparams: one dict for all trajectories (values: numbers or N-value
+            sequences/tensors) or a list of N dicts; torch.optim names
+            (``lr``, ``momentum``, ``beta1``...), checked like torch.optim.
+
+    ``params``/``grads`` are dicts of ``(N, *shape)`` views into the flat
+    buffers; write gradients there (or pass them to :meth:`step`).
+    """
+
+    def __init__(self, params: Mapping[str, Tensor], optimizer: str = "adam", hparams=None):
+        base, preset_hp = resolve_preset(optimizer)
+        if base not in FUSED_KINDS:
+            raise ValueError(
+                f"optimizer: {optimizer!r} (base {base!r}) has no fused update; accepted bases: {list(FUSED_KINDS)}"
+            )
+        if not params:
+            raise ValueError("params: expected at least one stacked parameter tensor")
+        first = next(iter(params.values()))
+        n = first.shape[0] if first.dim() else 0
+        for name, p in params.items():
+            if p.dim() == 0 or p.shape[0] != n or p.dtype != first.dtype or p.device != first.device:
+                raise ValueError(
+                    f"params[{name!r}]: every tensor must be (N={n}, ...) with dtype {first.dtype} on {first.device}, "
+                    f"got shape {list(p.shape)}, {p.dtype} on {p.device}"
+                )
+        self.kind = base
+        self.num_trajectories = n
+        self._shapes = {name: tuple(p.shape[1:]) for name, p in params.items()}
+        self.flat_params = torch.cat([p.detach().reshape(n, -1) for p in params.values()], dim=1).contiguous()
+        self.flat_grads = torch.zeros_like(self.flat_params)
+        buffers = _STATE_BUFFERS[base]
+        empty = self.flat_params.new_empty((0,))
+        self.state1 = torch.zeros_like(self.flat_params) if buffers[0] else empty
+        self.state2 = torch.zeros_like(self.flat_params) if buffers[1] else empty
+        self.step_count = torch.zeros(n, dtype=self.flat_params.dtype, device=self.flat_params.device)
+        self.params = self._views(self.flat_params)
+        self.grads = self._views(self.flat_grads)
+        self._bound: list[tuple[nn.Parameter, Tensor, Tensor]] = []
+        self._preset_hp = preset_hp
+        self.set_hparams(hparams)
+
+    @classmethod
+    def from_modules(cls, modules: Sequence[nn.Module], optimizer: str = "adam", hparams=None):
+        """Bind N model copies: their trainable parameters and ``.grad`` become views
+        of the flat buffers, so ``backward()`` writes straight into them."""
+        if not modules:
+            raise ValueError("modules: expected at least one module")
+        named = [dict((k, p) for k, p in m.named_parameters() if p.requires_grad) for m in modules]
+        if any(list(d) != list(named[0]) or any(d[k].shape != named[0][k].shape for k in d) for d in named):
+            raise ValueError("modules: every module must have the same trainable parameters (names and shapes)")
+        stacked = {k: torch.stack([d[k].detach() for d in named]) for k in named[0]}
+        opt = cls(stacked, optimizer, hparams)
+        for i, d in enumerate(named):
+            for k, p in d.items():
+                p.data = opt.params[k][i]
+                p.grad = opt.grads[k][i]
+                opt._bound.append((p, opt.params[k][i], opt.grads[k][i]))
+        return opt
+
+    def _views(self, flat: Tensor) -> dict[str, Tensor]:
+        views, offset = {}, 0
+        for name, shape in self._shapes.items():
+            size = 1
+            for s in shape:
+                size *= s
+            views[name] = flat[:, offset : offset + size].view(self.num_trajectories, *shape)
+            offset += size
+        return views
+
+    def set_hparams(self, hparams=None) -> None:
+        """Replace the hyperparameters (same forms as the constructor; preset values
+        are the defaults). Values are checked like torch.optim's constructors do."""
+        if hparams is None or isinstance(hparams, Mapping):
+            hparams = {**self._preset_hp, **(hparams or {})}
+        else:
+            hparams = [{**self._preset_hp, **row} for row in hparams]
+        merged = validate_hparams(self.kind, _per_trajectory(self.kind, hparams, self.num_trajectories))
+        self.nesterov = bool(merged.pop("nesterov", False))
+        n, device = self.num_trajectories, self.flat_params.device
+        self._hp = {
+            name: torch.as_tensor(merged.get(name, _UNUSED_FILLER.get(name)), dtype=torch.float64)
+            .expand(n)
+            .to(device)
+            .contiguous()
+            for name in _HP_ARGS
+        }
+
+    def zero_grad(self) -> None:
+        """Zero the flat gradient buffer (bound ``.grad`` views stay bound)."""
+        self.flat_grads.zero_()
+
+    @torch.no_grad()
+    def step(self, grads: Mapping[str, Tensor] | None = None) -> None:
+        """Update every trajectory once. ``grads``: name -> ``(N, *shape)``, copied into
+        the gradient buffer first; otherwise the buffer (or bound ``.grad``) is used."""
+        if grads is not None:
+            if set(grads) != set(self.grads):
+                raise ValueError(f"grads: expected names {sorted(self.grads)}, got {sorted(grads)}")
+            for name, g in grads.items():
+                self.grads[name].copy_(g)
+        self._sync_bound()
+        multi_step_update_op(
+            self.flat_params, self.flat_grads, self.state1, self.state2, self.step_count,
+            *(self._hp[name] for name in _HP_ARGS), self.kind, self.nesterov,
+        )
+
+    def _sync_bound(self) -> None:
+        # backward() adds into a bound .grad in place; if someone replaced a
+        # .grad or .data (e.g. zero_grad(set_to_none=True)), copy it back in.
+        for p, data_view, grad_view in self._bound:
+            if p.grad is None:
+                raise ValueError(
+                    "a bound parameter has no gradient (.grad is None); the fused update needs every gradient. "
+                    "Use FusedMultiTrajectoryOptimizer.zero_grad() instead of setting gradients to None"
+                )
+            if p.data.data_ptr() != data_view.data_ptr():
+                data_view.copy_(p.data)
+                p.data = data_view
+            if p.grad.data_ptr() != grad_view.data_ptr():
+                grad_view.copy_(p.grad)
+                p.grad = grad_view
+
+    def functional_state(self) -> dict[str, Tensor]:
+        """The state as :mod:`sophon_ext.optim.functional` lays it out, stacked over
+        trajectories (copies; keys ``"step"`` and ``"<buffer>:<param name>"``)."""
+        opt = get_functional_optimizer(self.kind)
+        state = {"step": self.step_count.clone()}
+        for buffer, flat in zip(_STATE_BUFFERS[self.kind], (self.state1, self.state2)):
+            if buffer is None:
+                continue
+            views = self._views(flat if flat.numel() else torch.zeros_like(self.flat_params))
+            state.update({opt.state_key(buffer, k): v.clone() for k, v in views.items()})
+        return state
+
+
+__all__ = ["FUSED_KINDS", "FusedMultiTrajectoryOptimizer", "multi_step_update_", "multi_step_update_op"]

@@ -1,0 +1,185 @@
+"""Simulated fine-tuning strategies (the environments phi_i of SOPHON's FTS step).
+
+A :class:`FineTuneStrategy` says how one simulated attacker fine-tunes: which
+optimizer preset and hyperparameters, learning rate, batch size, number of
+steps, and which parameters it trains or re-initialises first (``method``).
+:class:`StrategySampler` draws N of them from configurable ranges with a seed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .optim.presets import PRESETS
+from .surgery import METHODS
+
+#: ``method`` values: the built-in surgery methods, plus "custom" (user surgery).
+STRATEGY_METHODS = METHODS + ("custom",)
+# Methods that need ``layers`` (which first layers / modules they act on).
+_LAYER_METHODS = ("reinit_layers", "freeze_first")
+
+Surgery = Callable[[dict, torch.Generator], dict]
+
+
+@dataclass
+class FineTuneStrategy:
+    """One simulated fine-tuning run.
+
+    - ``optimizer``: a preset name of :mod:`sophon_ext.optim.presets`
+      (sgd, sgd_momentum, nesterov, adam, adamw, rmsprop, adagrad, adadelta, lion);
+      ``hparams`` override the preset's hyperparameters (torch.optim names,
+      e.g. ``{"weight_decay": 1e-4, "momentum": 0.5}``).
+    - ``lr`` > 0, ``batch_size`` >= 1 samples per step, ``steps`` >= 1.
+    - ``method``: ``"full"`` (train everything), ``"reinit_head"`` (head
+      re-initialised, then full), ``"reinit_layers"`` (the modules ``layers``
+      re-initialised, then full), ``"head_only"`` (only the head trains),
+      ``"freeze_first"`` (the modules ``layers`` are frozen), or ``"custom"``.
+    - ``layers``: a count of first parametrised layers or module name(s), for
+      ``reinit_layers`` / ``freeze_first``.
+    - ``seed``: seeds the re-initialisation (and the custom surgery's generator).
+    - ``surgery`` (method ``"custom"``): ``surgery(params, generator) -> dict``
+      receives the parameters by name and returns new values for the ones it
+      re-initialises or transforms (any subset). Values computed from
+      ``params`` keep their meta-gradient (it flows back through the
+      function); fresh values get none.
+    - ``input_transform``: ``f(model_inputs: tuple) -> tuple`` applied to every
+      adaptation and query batch of the trajectory (e.g. a fixed input
+      permutation or colour shift an attacker would apply).
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 1e-2
+    batch_size: int = 32
+    steps: int = 10
+    method: str = "full"
+    hparams: dict = field(default_factory=dict)
+    layers: int | str | Sequence[str] | None = None
+    seed: int = 0
+    surgery: Surgery | None = None
+    input_transform: Callable | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in PRESETS:
+            raise ValueError(f"optimizer: unknown name {self.optimizer!r}; choose one of {sorted(PRESETS)}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr: must be a finite number > 0, got {self.lr!r}")
+        for name in ("batch_size", "steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
+        if self.method not in STRATEGY_METHODS:
+            raise ValueError(f"method: unknown method {self.method!r}; choose one of {STRATEGY_METHODS}")
+        if not isinstance(self.hparams, dict):
+            raise TypeError(f"hparams: expected a dict, got {type(self.hparams).__name__}")
+        if "lr" in self.hparams:
+            raise ValueError("hparams: set the learning rate with the lr field, not hparams['lr']")
+        for key, value in self.hparams.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+                raise ValueError(f"hparams[{key!r}]: must be finite, got {value}")
+        if self.method in _LAYER_METHODS and self.layers is None:
+            raise ValueError(f"layers: method {self.method!r} needs layers (a count of first layers or module names)")
+        if self.method == "custom" and not callable(self.surgery):
+            raise ValueError("surgery: method 'custom' needs a callable surgery(params, generator) -> dict")
+        if self.method != "custom" and self.surgery is not None:
+            raise ValueError(f"surgery: only used with method 'custom', got method {self.method!r}")
+        if self.input_transform is not None and not callable(self.input_transform):
+            raise TypeError(f"input_transform: expected a callable or None, got {type(self.input_transform).__name__}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed: expected an int, got {self.seed!r}")
+
+
+# Default learning-rate ranges (log-uniform) per preset: adaptive methods use
+# smaller rates than SGD, as attackers would.
+DEFAULT_LR_RANGES: dict[str, tuple[float, float]] = {
+    "sgd": (1e-3, 1e-1),
+    "sgd_momentum": (1e-4, 3e-2),
+    "nesterov": (1e-4, 3e-2),
+    "adam": (1e-5, 3e-3),
+    "adamw": (1e-5, 3e-3),
+    "rmsprop": (1e-5, 1e-3),
+    "adagrad": (1e-4, 3e-2),
+    "adadelta": (1e-2, 1.0),
+    "lion": (1e-5, 1e-3),
+}
+
+
+@dataclass
+class StrategySampler:
+    """Draws strategies from ranges, reproducibly from ``seed``.
+
+    ``optimizers``: preset names to choose from (uniformly); ``lr_ranges``:
+    ``{preset: (low, high)}`` log-uniform ranges (defaults from
+    :data:`DEFAULT_LR_RANGES`); ``methods``, ``batch_sizes``: choices;
+    ``layers``: choices of ``layers`` for the layer methods; ``hparams``:
+    ``{preset: {name: (low, high) or [choices] or value}}`` (ranges uniform);
+    ``steps``: K, the same for all (simulate runs them together).
+    """
+
+    optimizers: Sequence[str] = ("sgd", "sgd_momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
+    lr_ranges: dict = field(default_factory=dict)
+    methods: Sequence[str] = ("full", "reinit_head", "head_only")
+    batch_sizes: Sequence[int] = (32,)
+    steps: int = 10
+    layers: Sequence = (1,)
+    hparams: dict = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [o for o in self.optimizers if o not in PRESETS]
+        if not self.optimizers or unknown:
+            raise ValueError(f"optimizers: unknown or empty {list(unknown) or list(self.optimizers)}; choose from {sorted(PRESETS)}")
+        bad_methods = [m for m in self.methods if m not in METHODS]
+        if not self.methods or bad_methods:
+            raise ValueError(f"methods: unknown or empty {bad_methods or list(self.methods)}; choose from {METHODS}")
+        for name, (low, high) in self.lr_ranges.items():
+            if name not in PRESETS:
+                raise ValueError(f"lr_ranges: unknown optimizer {name!r}; choose from {sorted(PRESETS)}")
+            if not 0 < low <= high:
+                raise ValueError(f"lr_ranges[{name!r}]: need 0 < low <= high, got ({low}, {high})")
+        if not self.batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch_sizes: need ints >= 1, got {list(self.batch_sizes)}")
+        if any(m in _LAYER_METHODS for m in self.methods) and not self.layers:
+            raise ValueError("layers: the layer methods need at least one choice of layers")
+        self._rng = random.Random(self.seed)
+
+    def _lr(self, optimizer: str) -> float:
+        low, high = self.lr_ranges.get(optimizer, DEFAULT_LR_RANGES[optimizer])
+        return math.exp(self._rng.uniform(math.log(low), math.log(high)))
+
+    def _hparams(self, optimizer: str) -> dict:
+        out = {}
+        for name, spec in self.hparams.get(optimizer, {}).items():
+            if isinstance(spec, tuple) and len(spec) == 2:
+                out[name] = self._rng.uniform(*spec)
+            elif isinstance(spec, list):
+                out[name] = self._rng.choice(spec)
+            else:
+                out[name] = spec
+        return out
+
+    def sample(self, n: int) -> list[FineTuneStrategy]:
+        """``n`` strategies; successive calls continue the same random stream."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: must be an int >= 1, got {n!r}")
+        out = []
+        for _ in range(n):
+            optimizer = self._rng.choice(list(self.optimizers))
+            method = self._rng.choice(list(self.methods))
+            out.append(
+                FineTuneStrategy(
+                    optimizer=optimizer,
+                    lr=self._lr(optimizer),
+                    batch_size=self._rng.choice(list(self.batch_sizes)),
+                    steps=self.steps,
+                    method=method,
+                    hparams=self._hparams(optimizer),
+                    layers=self._rng.choice(list(self.layers)) if method in _LAYER_METHODS else None,
+                    seed=self._rng.randrange(2**31),
+                )
+            )
+        return out
