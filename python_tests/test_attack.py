@@ -18,7 +18,6 @@ from sophon_ext.attack import (
 )
 from sophon_ext.data import ArrayDataset, domain_splits, load_builtin
 from sophon_ext.finetune import ATTACK_METHODS, _train_loop, fine_tune, prepare_attack_model, schedule_factor
-from sophon_ext.lora import LoRAAdapter
 from sophon_ext.models import SmallCNN
 from sophon_ext.optim.presets import PRESETS
 from sophon_ext.tasks import ClassificationTask
@@ -212,7 +211,9 @@ def test_every_schedule_runs_and_factors_are_right(digits):
 def test_default_grid_covers_three_methods_five_optimizers_two_lrs():
     specs = expand_grid("default")
     assert len({s.method for s in specs}) >= 3 and len({s.optimizer for s in specs}) >= 5
-    assert len({s.lr for s in specs}) >= 2 and len(specs) == len({s.name for s in specs})
+    assert len(specs) == len({s.name for s in specs}) == 3 * 5 * 2
+    for optimizer in {s.optimizer for s in specs}:  # two learning rates per optimizer
+        assert len({s.lr for s in specs if s.optimizer == optimizer}) == 2
     paper = expand_grid("paper")
     assert [(s.method, s.optimizer, s.lr, s.batch_size, s.epochs, s.weight_decay) for s in paper] == [
         ("full", "sgd_momentum", 1e-4, 200, 20, 1e-4)]
@@ -237,6 +238,14 @@ def test_grid_config_overrides_explicit_attacks_and_yaml(tmp_path):
     assert [(s.optimizer, s.schedule) for s in specs] == [
         ("sgd", "constant"), ("sgd", "cosine"), ("nesterov", "constant"), ("nesterov", "cosine")]
     assert len(expand_grid({"methods": ["full", "full"], "optimizers": ["adam"]})) == 1  # duplicates dropped
+    per_optimizer = expand_grid({"optimizers": ["sgd", "adam"], "lrs": {"sgd": [0.1, 0.01], "adam": 1e-3},
+                                 "attacks": [{"method": "head_only", "optimizer": "adam", "lr": 0.5}]})
+    assert [(s.method, s.optimizer, s.lr) for s in per_optimizer] == [
+        ("full", "sgd", 0.1), ("full", "sgd", 0.01), ("full", "adam", 1e-3), ("head_only", "adam", 0.5)]
+    with pytest.raises(ValueError, match="no learning rates for optimizer 'adam'"):
+        expand_grid({"optimizers": ["adam"], "lrs": {"sgd": [0.1]}})
+    with pytest.raises(ValueError, match="grid lrs: unknown optimizer 'sgdd'"):
+        expand_grid({"optimizers": ["sgd"], "lrs": {"sgdd": [0.1]}})
 
 
 # ---------------------------------------------------------------- seeds, divergence, resume, shards
@@ -415,7 +424,7 @@ def test_task_plugin_with_lower_is_better_metric_runs(digits):
     from sophon_ext.unet import TinyUNet
 
     train, test = digits
-    task = make_task("generation", num_timesteps=50)
+    task = make_task("generation", num_timesteps=50, num_samples=4, sample_steps=2)
     images = (ArrayDataset(train.x[:32], train.y[:32]), ArrayDataset(test.x[:16], test.y[:16]))
 
     def unet():

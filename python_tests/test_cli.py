@@ -134,3 +134,50 @@ def test_corrupt_checkpoint_is_reported_and_kept(tmp_path, capsys):
     assert main(["protect", "--resume", "--out", str(tmp_path)]) == 2
     assert "corrupt" in capsys.readouterr().err
     assert tensor_file.read_bytes() == before  # nothing overwrote it
+
+
+def curves(protected, unprotected, scratch):
+    return {"protected": {"metric": protected}, "unprotected": {"metric": unprotected}, "scratch": {"metric": scratch}}
+
+
+def fake_report(protected_curve, original_protected=0.95):
+    from sophon_ext.report import summarise_attack
+
+    c = curves(protected_curve, [0.3, 0.8, 0.9], [0.1, 0.4, 0.8])
+    return {"higher_is_better": True, "original_domain": {"protected": original_protected, "unprotected": 0.96},
+            "attacks": [{"name": "a", "summary": summarise_attack(c, True)}]}
+
+
+def test_check_criteria_passes_and_fails():
+    from sophon_ext.workflow import check_criteria
+
+    good = check_criteria(fake_report([0.1, 0.2, 0.5]))
+    assert good["protected_passes"] and good["meaningful"] and good["original_intact"]
+    ahead_once = check_criteria(fake_report([0.1, 0.43, 0.5]))  # 3 points above scratch at epoch 1
+    assert not ahead_once["attacks"]["a"]["gap_ok"] and not ahead_once["protected_passes"]
+    more_area = check_criteria(fake_report([0.11, 0.41, 0.81]))  # within 2 points, but more area
+    assert more_area["attacks"]["a"]["gap_ok"] and not more_area["attacks"]["a"]["auc_ok"]
+    broken = check_criteria(fake_report([0.1, 0.2, 0.5], original_protected=0.9))
+    assert not broken["original_intact"] and not broken["protected_passes"]
+
+
+def test_user_data_sources(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from sophon_ext.config import DatasetConfig
+    from sophon_ext.workflow import load_dataset
+
+    for label in ("cat", "dog"):
+        (tmp_path / "folder" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((5, 7, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "folder" / label / f"{i}.png")
+    data = load_dataset(DatasetConfig(source="image_folder", path=str(tmp_path / "folder"), image_size=4))
+    assert data.x.shape == (6, 3, 4, 4) and data.y.tolist() == [0, 0, 0, 1, 1, 1]
+    np.savez(tmp_path / "a.npz", x=np.zeros((5, 1, 4, 4), np.float32), y=np.arange(5))
+    data = load_dataset(DatasetConfig(source="arrays", path=str(tmp_path / "a.npz"), limit=3))
+    assert data.x.shape == (3, 1, 4, 4)
+    with pytest.raises(FileNotFoundError, match="not an .npz file"):
+        load_dataset(DatasetConfig(source="arrays", path=str(tmp_path / "missing.npz")))
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_dataset(DatasetConfig(source="image_folder", path=str(tmp_path / "nowhere")))

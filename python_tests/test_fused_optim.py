@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from sophon_ext.models import SmallCNN
-from sophon_ext.optim import FusedMultiTrajectoryOptimizer, get_functional_optimizer, make_torch_optimizer, torch_optimizer_kwargs
+from sophon_ext.optim import (
+    FusedMultiTrajectoryOptimizer,
+    get_functional_optimizer,
+    make_torch_optimizer,
+    torch_optimizer_kwargs,
+)
 from sophon_ext.optim.fused import _check_arguments, multi_step_update_op
 
 # (kind, nesterov) pairs; sgd covers plain, momentum+dampening and Nesterov rows
@@ -61,11 +66,13 @@ def test_op_matches_functional_optimizer_per_trajectory(kind, nesterov, dtype, n
     params = torch.randn(n, size, generator=gen, dtype=dtype)
     grads_seq = [torch.randn(n, size, generator=gen, dtype=dtype) for _ in range(3)]
     hp = _random_hparams(n, kind, nesterov, gen)
-    state1, state2 = torch.randn_like(params), torch.randn_like(params)  # garbage: must be overwritten/ignored
     first, second = STATE_NAMES[kind]
-    state1.zero_()
-    if second is not None:
-        state2.zero_()
+    # SGD's first step copies the gradient into the buffer, so its old content must not matter;
+    # an unused state2 must be neither read nor written
+    state1 = torch.randn_like(params) if kind == "sgd" else torch.zeros_like(params)
+    state2 = torch.zeros_like(params) if second is not None else torch.randn_like(params)
+    unused_state2 = state2.clone()
+    initial_state1 = state1.clone()
     step = torch.zeros(n, dtype=dtype)
     fused_params = params.clone()
     for grads in grads_seq:
@@ -76,11 +83,13 @@ def test_op_matches_functional_optimizer_per_trajectory(kind, nesterov, dtype, n
     for i, (p_ref, state_ref) in enumerate(_run_functional_rows(kind, nesterov, params, grads_seq, hp)):
         torch.testing.assert_close(fused_params[i], p_ref, **tol)
         if kind == "sgd" and hp["momentum"][i] == 0:
-            assert torch.equal(state1[i], torch.zeros(size, dtype=dtype))  # plain SGD keeps no buffer
+            assert torch.equal(state1[i], initial_state1[i])  # plain SGD keeps no buffer
         else:
             torch.testing.assert_close(state1[i], state_ref[opt.state_key(first, "flat")], **tol)
         if second is not None:
             torch.testing.assert_close(state2[i], state_ref[opt.state_key(second, "flat")], **tol)
+    if second is None:
+        assert torch.equal(state2, unused_state2)
     assert torch.equal(step, torch.full((n,), 3.0, dtype=dtype))
     assert not torch.equal(fused_params, params)
 
@@ -95,7 +104,8 @@ def test_plain_sgd_needs_no_state_buffers():
     torch.testing.assert_close(params, expected, rtol=1e-14, atol=1e-14)
     hp["momentum"][1] = 0.9
     with pytest.raises(ValueError, match=r"momentum must be 0 when state1 \(momentum buffers\) is empty.*trajectory 1"):
-        multi_step_update_op(params, grads, empty, empty, torch.zeros(2, dtype=torch.float64), *hp.values(), "sgd", False)
+        step = torch.zeros(2, dtype=torch.float64)
+        multi_step_update_op(params, grads, empty, empty, step, *hp.values(), "sgd", False)
 
 
 @pytest.mark.parametrize("kind,nesterov", [("sgd", True), ("adamw", False)])
@@ -149,7 +159,10 @@ def _split(preset, row):
 
 def test_stacked_params_and_functional_state_round_trip():
     gen = torch.Generator().manual_seed(4)
-    params = {"w": torch.randn(2, 3, 4, generator=gen, dtype=torch.float64), "b": torch.randn(2, 4, generator=gen, dtype=torch.float64)}
+    params = {
+        "w": torch.randn(2, 3, 4, generator=gen, dtype=torch.float64),
+        "b": torch.randn(2, 4, generator=gen, dtype=torch.float64),
+    }
     hp = {"lr": [0.1, 0.2], "beta1": torch.tensor([0.9, 0.5], dtype=torch.float64), "weight_decay": 0.1}
     fused = FusedMultiTrajectoryOptimizer(params, "adam", hp)
     grads = [{k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in params.items()} for _ in range(2)]
@@ -157,7 +170,10 @@ def test_stacked_params_and_functional_state_round_trip():
         fused.step(g)
     opt = get_functional_optimizer("adam")
     state = torch.func.vmap(opt.init)(params)
-    stacked_hp = {"lr": torch.tensor([0.1, 0.2], dtype=torch.float64), "beta1": torch.tensor([0.9, 0.5], dtype=torch.float64), "weight_decay": torch.tensor([0.1, 0.1], dtype=torch.float64)}
+    stacked_hp = {
+        name: torch.tensor(values, dtype=torch.float64)
+        for name, values in {"lr": [0.1, 0.2], "beta1": [0.9, 0.5], "weight_decay": [0.1, 0.1]}.items()
+    }
     ref = params
     for g in grads:
         ref, state = torch.func.vmap(opt.step)(ref, g, state, stacked_hp)
@@ -179,9 +195,14 @@ def _op_args(kind="adam", n=2, size=5, dtype=torch.float32, **override):
     "kind,override,error,match",
     [
         ("nadam", {}, ValueError, r"unknown kind 'nadam'; accepted: 'adam', 'adamw', 'lion', 'sgd'"),
-        ("adam", {"lr": torch.tensor([0.1, -0.5], dtype=torch.float64)}, ValueError, r"lr must be >= 0 for every trajectory, got -0.5 at trajectory 1"),
+        (
+            "adam",
+            {"lr": torch.tensor([0.1, -0.5], dtype=torch.float64)},
+            ValueError,
+            r"lr must be >= 0 for every trajectory, got -0.5 at trajectory 1",
+        ),
         ("adam", {"beta2": torch.tensor([0.9, 1.0], dtype=torch.float64)}, ValueError, r"beta2 must be in \[0, 1\)"),
-        ("adam", {"grads": torch.zeros(2, 4)}, ValueError, r"grads must have the shape of params \[2, 5\], got \[2, 4\]"),
+        ("adam", {"grads": torch.zeros(2, 4)}, ValueError, r"grads must have the shape of params \[2, 5\], got \[2,"),
         ("adam", {"grads": torch.zeros(2, 5, dtype=torch.float64)}, TypeError, "grads must have dtype"),
         ("adam", {"state2": torch.zeros(2, 3)}, ValueError, r"state2 \(exp_avg_sq\) must have the shape of params"),
         ("adam", {"params": torch.zeros(2, 5, dtype=torch.int64)}, TypeError, "params must be float32 or float64"),
@@ -226,8 +247,120 @@ def test_wrapper_rejects_bad_configuration():
     with pytest.raises(ValueError, match="expected one dict per trajectory"):
         FusedMultiTrajectoryOptimizer(params, "sgd", [{"lr": 0.1}])
     with pytest.raises(ValueError, match="must be the same for every trajectory"):
-        FusedMultiTrajectoryOptimizer(params, "sgd", [{"momentum": 0.9, "nesterov": True}, {"momentum": 0.9, "nesterov": False}])
+        rows = [{"momentum": 0.9, "nesterov": True}, {"momentum": 0.9, "nesterov": False}]
+        FusedMultiTrajectoryOptimizer(params, "sgd", rows)
     with pytest.raises(ValueError, match=r"expected a number or 2 values"):
         FusedMultiTrajectoryOptimizer(params, "sgd", {"lr": [0.1, 0.2, 0.3]})
     with pytest.raises(ValueError, match=r"params\['b'\]: every tensor must be \(N=2"):
         FusedMultiTrajectoryOptimizer({"w": torch.zeros(2, 3), "b": torch.zeros(3)}, "sgd")
+
+
+@pytest.mark.parametrize("kind,nesterov", [("sgd", False), ("adam", False)])
+def test_threads_splitting_rows_agree_with_one_thread(kind, nesterov):
+    # 3 x 40001 elements: parallel_for chunks of 32768 start and end inside rows
+    gen = torch.Generator().manual_seed(5)
+    n, size = 3, 40001
+    params, grads = torch.randn(n, size, generator=gen), torch.randn(n, size, generator=gen)
+    hp = list(_random_hparams(n, kind, nesterov, gen).values())
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            p, s1, s2, step = params.clone(), torch.zeros_like(params), torch.zeros_like(params), torch.zeros(n)
+            for _ in range(2):
+                multi_step_update_op(p, grads, s1, s2, step, *hp, kind, nesterov)
+            results.append((p, s1, s2))
+    finally:
+        torch.set_num_threads(previous)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+_BASELINE_ISA_SCRIPT = """
+import torch, sophon_ext
+from sophon_ext.optim.fused import _reference, multi_step_update_op
+assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+g = torch.Generator().manual_seed(0)
+for kind in ("sgd", "adam", "adamw", "lion"):
+    for dtype in (torch.float32, torch.float64):
+        n, size = 3, 37
+        hp = [torch.rand(n, generator=g, dtype=torch.float64) * 0.5 for _ in range(7)]
+        hp[1][0] = 0.0  # a plain-SGD row
+        args = [torch.randn(n, size, generator=g, dtype=dtype), torch.randn(n, size, generator=g, dtype=dtype),
+                torch.zeros(n, size, dtype=dtype), torch.zeros(n, size, dtype=dtype), torch.zeros(n, dtype=dtype)]
+        ref = [a.clone() for a in args]
+        multi_step_update_op(*args, *hp, kind, False)
+        _reference(*ref, *hp, kind, False)
+        for a, b in zip(args, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+print("ok")
+"""
+
+
+def test_baseline_instruction_set_kernel_matches_reference():
+    """The non-AVX2 build of the CPU pass (picked on CPUs without AVX2), forced by ATEN_CPU_CAPABILITY."""
+    import os
+    import subprocess
+    import sys
+
+    from sophon_ext._ops import has_compiled_kernel
+
+    if not has_compiled_kernel("cpu"):
+        pytest.skip("compiled library not loaded")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", _BASELINE_ISA_SCRIPT]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_op_refuses_tensors_that_require_grad():
+    args = _op_args("adam")
+    args[1] = args[1].requires_grad_()
+    with pytest.raises(ValueError, match="grads requires grad, but the fused update is not differentiable"):
+        multi_step_update_op(*args, "adam", False)
+    with torch.no_grad():  # no graph is being built: allowed
+        multi_step_update_op(*args, "adam", False)
+    assert torch.equal(args[4], torch.ones(2))
+
+
+def test_binding_keeps_existing_gradients_and_updates_models_in_place():
+    models, x, y = _models(2)
+    for m, xi, yi in zip(models, x, y):
+        torch.nn.functional.cross_entropy(m(xi), yi).backward()
+    grads = [[p.grad.clone() for p in m.parameters()] for m in models]
+    before = [[p.detach().clone() for p in m.parameters()] for m in models]
+    fused = FusedMultiTrajectoryOptimizer.from_modules(models, "sgd", {"lr": [0.1, 0.2]})
+    fused.step()
+    for i, m in enumerate(models):
+        for p, g, p0 in zip(m.parameters(), grads[i], before[i]):
+            torch.testing.assert_close(p.detach(), p0 - (0.1 * (i + 1)) * g, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind,nesterov", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_op_matches_cpu_op(kind, nesterov, dtype):
+    gen = torch.Generator().manual_seed(6)
+    n, size = 4, 1031
+    cpu = [torch.randn(n, size, generator=gen, dtype=dtype) for _ in range(2)]
+    cpu += [torch.zeros(n, size, dtype=dtype), torch.zeros(n, size, dtype=dtype), torch.zeros(n, dtype=dtype)]
+    hp = list(_random_hparams(n, kind, nesterov, gen).values())
+    cuda = [t.cuda() for t in cpu]
+    for _ in range(3):
+        multi_step_update_op(*cpu, *hp, kind, nesterov)
+        multi_step_update_op(*cuda, *(h.cuda() for h in hp), kind, nesterov)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    for a, b in zip(cpu, cuda):
+        torch.testing.assert_close(b.cpu(), a, **tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_op_rejects_bad_values_and_devices():
+    args = [t.cuda() for t in _op_args("adam", lr=torch.tensor([0.1, -0.5], dtype=torch.float64))]
+    with pytest.raises(ValueError, match="lr must be >= 0 for every trajectory, got -0.5 at trajectory 1"):
+        multi_step_update_op(*args, "adam", False)
+    args = [t.cuda() for t in _op_args("adam")]
+    args[1] = args[1].cpu()
+    with pytest.raises(ValueError, match="grads must be on device cuda:0 like params, got cpu"):
+        multi_step_update_op(*args, "adam", False)

@@ -303,7 +303,7 @@ def test_gradcheck_through_raw_ops_and_their_stats():
 def _op_samples():
     logits, target, _ = random_inputs((6, 5), seed=10)
     target[2] = -100
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float64,):  # opcheck is slow; dtypes are covered by the value tests
         z = logits.to(dtype).requires_grad_()
         yield torch.ops.sophon_ext.suppression_loss.default, (z, target, 0.5, 2.0, -100)
         yield torch.ops.sophon_ext.suppression_loss.default, (z, None, 0.0, 1.0, -100)
@@ -336,13 +336,6 @@ def test_torch_compile_fullgraph(kind):
     torch.testing.assert_close(grad, eager_grad)
 
 
-@pytest.mark.slow
-def test_torch_compile_inductor():
-    logits, target, _ = random_inputs((8, 6), seed=12)
-    compiled = torch.compile(lambda x: SF.suppression_loss(x, target), fullgraph=True)
-    torch.testing.assert_close(loss_and_grad(compiled, logits), loss_and_grad(lambda x: SF.suppression_loss(x, target), logits))
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_vmap_and_vmap_of_grad(kind, device):
     logits, target, weight = random_inputs((3, 5, 4), device, seed=13, ignore_index=2, ignore_fraction=0.3)
@@ -366,6 +359,18 @@ def test_vmap_and_vmap_of_grad(kind, device):
     torch.testing.assert_close(total, looped.sum())
     moved = torch.func.vmap(f, in_dims=(2, None))(logits.movedim(0, 2).detach(), target[0])
     torch.testing.assert_close(moved, shared)
+
+
+@pytest.mark.parametrize("kind", ["fused", "ice_reference"])
+def test_hessian_under_torch_func(kind):
+    """Second order through torch.func (the autograd.Function path) equals torch.autograd's (reverse mode only)."""
+    logits, target, _ = random_inputs((3, 4), seed=15)
+
+    def f(z):
+        return call_loss(kind, z, target)
+
+    hessian = torch.func.jacrev(torch.func.jacrev(f))(logits)
+    torch.testing.assert_close(hessian, torch.autograd.functional.hessian(f, logits))
 
 
 def test_vmap_of_grad_with_per_sample_logits():
@@ -434,7 +439,7 @@ def test_bad_logits_and_target():
         SF.kl_uniform(logits, weight=weight)
     with pytest.raises(ValueError, match="reduction"):
         SF.kl_uniform(logits, reduction="avg")
-    with pytest.raises(TypeError, match="ice_weight"):
+    with pytest.raises(ValueError, match="ice_weight"):
         SF.suppression_loss(logits, target, ice_weight=float("nan"))
     with pytest.raises(TypeError, match="klu_weight"):
         SF.suppression_loss(logits, target, klu_weight="1")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sophon_ext import FineTuneStrategy, simulate
+from sophon_ext import FineTuneStrategy, StrategySampler, simulate
 from sophon_ext._simulate_reference import simulate_sequential
 from sophon_ext.models import SmallCNN
 from sophon_ext.optim.presets import PRESETS
@@ -86,9 +86,10 @@ def every_method_and_optimizer(batch_size=5, steps=3):
     return out
 
 
-def assert_matches_reference(model, strategies, data, result, query_size, seed, loss=kl_uniform, adapt=cross_entropy):
-    losses, meta, adapted = simulate_sequential(model, strategies, data, adapt, loss,
-                                                query_size=query_size, generator=torch.Generator().manual_seed(seed))
+def assert_matches_reference(model, strategies, data, result, query_size, seed, loss=kl_uniform, adapt=cross_entropy,
+                             reference=None):
+    losses, meta, adapted = reference or simulate_sequential(model, strategies, data, adapt, loss, query_size=query_size,
+                                                             generator=torch.Generator().manual_seed(seed))
     torch.testing.assert_close(result.query_losses, losses.to(result.query_losses.dtype), rtol=1e-5, atol=1e-9)
     for name, grad in meta.items():
         torch.testing.assert_close(result.meta_grad[name], grad, rtol=1e-5, atol=1e-9, msg=lambda m: f"{name}: {m}")
@@ -98,15 +99,17 @@ def assert_matches_reference(model, strategies, data, result, query_size, seed, 
                                        msg=lambda m: f"trajectory {i} ({strategies[i]}) {name}: {m}")
 
 
-@pytest.mark.parametrize("path", ["vmap", "loop"])
-def test_every_method_and_optimizer_matches_the_sequential_loop(path):
+def test_every_method_and_optimizer_matches_the_sequential_loop():
     model, data = tiny_cnn(), pool()
-    strategies = every_method_and_optimizer()
-    result = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, path=path,
-                      generator=torch.Generator().manual_seed(3), return_params=True)
-    assert result.query_losses.shape == (len(strategies), 3)
-    assert result.path == path
-    assert_matches_reference(model, strategies, data, result, 4, seed=3)
+    strategies = every_method_and_optimizer(steps=2)  # 2 steps: the second uses the optimizer state
+    reference = simulate_sequential(model, strategies, data, cross_entropy, kl_uniform, query_size=4,
+                                    generator=torch.Generator().manual_seed(3))
+    for path in ("vmap", "loop"):
+        result = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, path=path,
+                          generator=torch.Generator().manual_seed(3), return_params=True)
+        assert result.query_losses.shape == (len(strategies), 2)
+        assert result.path == path
+        assert_matches_reference(model, strategies, data, result, 4, seed=3, reference=reference)
 
 
 @pytest.mark.parametrize("path", ["vmap", "chunked", "loop", "auto"])
@@ -267,10 +270,8 @@ def test_bad_input_raises_clear_errors():
         run([ok], query_size=0)
     with pytest.raises(ValueError, match="strategies: expected a non-empty list"):
         run([])
-    with pytest.raises(ValueError, match=r"strategies\[0\]: hp\['momentum'\]"):
-        run([FineTuneStrategy("sgd_momentum", 0.1, 4, 2, hparams={"momentum": -0.5})])
-    with pytest.raises(ValueError, match="unknown hyperparameter"):
-        run([FineTuneStrategy("adam", 0.1, 4, 2, hparams={"momentum": 0.5})])
+    with pytest.raises(TypeError, match=r"strategies\[1\]: expected a FineTuneStrategy, got str"):
+        run([ok, "adam"])
     headless = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()).to(DTYPE)
     with pytest.raises(ValueError, match="head: could not find the classifier head"):
         simulate(headless, [FineTuneStrategy("sgd", 0.1, 4, 2, "head_only")], data, cross_entropy, kl_uniform, query_size=4)
@@ -278,3 +279,115 @@ def test_bad_input_raises_clear_errors():
         run([FineTuneStrategy("sgd", 0.1, 4, 2, "custom", surgery=lambda p, g: {"nope": p["head.bias"]})])
     with pytest.raises(ValueError, match="data: every input and the targets must have the same first dimension"):
         simulate(model, [ok], ((data[0][0],), data[1][:5]), cross_entropy, kl_uniform, query_size=4)
+
+
+def test_memory_estimate_chunks_and_out_of_memory_splits(monkeypatch):
+    import sophon_ext._simulate_memory as memory
+    from sophon_ext._simulate_paths import ChunkRunner
+
+    model, data = tiny_cnn(norm="none"), pool()
+    strategies = StrategySampler(optimizers=("sgd", "adam"), batch_sizes=(4, 6), steps=2, seed=3).sample(4)
+    run = lambda **kw: simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4,  # noqa: E731
+                                generator=torch.Generator().manual_seed(5), return_params=True, **kw)
+    whole = run(path="vmap")
+    # room for about one trajectory: the automatic chunk size drops to 1
+    per_sample = memory.activation_bytes_per_sample(model, data[0], data[1], cross_entropy)
+    assert per_sample > 0
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(per_sample * 6 / memory.MEMORY_FRACTION) + 20000)
+    small = run(path="chunked")
+    assert small.path == "chunked" and small.chunk_size < whole.chunk_size == 4
+    torch.testing.assert_close(small.query_losses, whole.query_losses)
+    monkeypatch.undo()
+    # an out-of-memory error in a chunk of several trajectories splits it in halves and retries
+    real_step, sizes = ChunkRunner.step_vmap, []
+
+    def failing_step(self, batch):
+        sizes.append(len(self.chunk.batch_sizes))
+        if len(self.chunk.batch_sizes) > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, batch)
+
+    monkeypatch.setattr(ChunkRunner, "step_vmap", failing_step)
+    split = run(path="vmap")
+    assert split.path == "chunked" and split.chunk_size == 1 and sizes[:3] == [4, 2, 1]
+    torch.testing.assert_close(split.query_losses, whole.query_losses)
+    for name in whole.meta_grad:
+        torch.testing.assert_close(split.meta_grad[name], whole.meta_grad[name])
+    with pytest.raises(RuntimeError, match="out of memory"):  # a chunk size given by the caller is kept
+        run(path="vmap", chunk_size=2)
+
+
+def test_auto_path_times_every_candidate_and_caches_its_choice():
+    from sophon_ext import _simulate_paths
+
+    model, data = tiny_cnn(norm="none", seed=3), pool()
+    # 6 steps: two rounds of vmap, loop, loop with channels-last inputs, all in one trajectory
+    strategies = [FineTuneStrategy("sgd_momentum", 0.05, 5, 6, seed=i) for i in range(3)]
+    _simulate_paths._PATH_CACHE.clear()
+    first = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, generator=torch.Generator().manual_seed(0),
+                     return_params=True)
+    assert first.path in ("vmap", "loop")
+    assert list(_simulate_paths._PATH_CACHE.values())[0] in ("vmap", "loop", "loop_channels_last")
+    assert_matches_reference(model, strategies, data, first, 4, seed=0)
+    again = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, generator=torch.Generator().manual_seed(0))
+    assert again.path == first.path and len(_simulate_paths._PATH_CACHE) == 1
+    torch.testing.assert_close(again.query_losses, first.query_losses, rtol=1e-10, atol=0)
+
+
+class _OldStyleSquare(torch.autograd.Function):
+    """An autograd.Function without setup_context: torch.func cannot transform it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+def old_style_loss(output, targets, weight=None):
+    return weighted_mean(_OldStyleSquare.apply(output).mean(dim=-1), weight)
+
+
+def test_auto_falls_back_to_the_loop_when_vmap_cannot_run_the_loss():
+    from sophon_ext import _simulate_paths
+
+    _simulate_paths._PATH_CACHE.clear()
+    model, data = tiny_cnn(norm="none", seed=4), pool()
+    strategies = [FineTuneStrategy("sgd", 0.05, 5, 4, seed=i) for i in range(2)]
+    run = lambda path: simulate(model, strategies, data, cross_entropy, old_style_loss, query_size=4, path=path,  # noqa: E731
+                                generator=torch.Generator().manual_seed(0), return_params=True)
+    with pytest.raises(RuntimeError, match="functorch"):
+        run("vmap")
+    with pytest.warns(RuntimeWarning, match="the vmap path failed"):
+        auto = run("auto")
+    assert auto.path == "loop"
+    assert_matches_reference(model, strategies, data, auto, 4, seed=0, loss=old_style_loss)
+
+
+def test_batch_seeds_let_a_subset_reproduce_its_share_of_a_larger_run():
+    from sophon_ext._simulate_batches import draw_seeds
+
+    model, data = tiny_cnn(norm="none"), pool()
+    strategies = [FineTuneStrategy("sgd", 0.05, 5, 2, seed=1), FineTuneStrategy("adam", 1e-2, 6, 2, "reinit_head", seed=2)]
+    whole = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, generator=torch.Generator().manual_seed(8))
+    seeds = draw_seeds(2, torch.Generator().manual_seed(8))
+    parts = [simulate(model, [s], data, cross_entropy, kl_uniform, query_size=4, batch_seeds=[seed]) for s, seed in zip(strategies, seeds)]
+    torch.testing.assert_close(torch.cat([p.query_losses for p in parts]), whole.query_losses)
+    for name in whole.meta_grad:  # the whole run's mean is the mean of the parts' means
+        torch.testing.assert_close((parts[0].meta_grad[name] + parts[1].meta_grad[name]) / 2, whole.meta_grad[name])
+    with pytest.raises(ValueError, match="batch_seeds: expected one seed per strategy"):
+        simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, batch_seeds=[1])
+
+
+def test_input_transforms_that_change_shapes_run_in_their_own_group():
+    model, data = tiny_cnn(norm="none", seed=2), pool(size=8)
+    crop = lambda inputs: inputs[0][..., 1:-1, 1:-1]  # noqa: E731 - 8x8 -> 6x6, returns a bare tensor
+    strategies = [FineTuneStrategy("sgd", 0.1, 5, 2, "custom", surgery=lambda p, g: {}, input_transform=crop),
+                  FineTuneStrategy("sgd", 0.1, 5, 2), FineTuneStrategy("sgd", 0.1, 7, 2, "custom", surgery=lambda p, g: {}, input_transform=flip)]
+    result = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=3, path="vmap",
+                      generator=torch.Generator().manual_seed(6), return_params=True)
+    assert_matches_reference(model, strategies, data, result, 3, seed=6)

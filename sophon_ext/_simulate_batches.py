@@ -40,17 +40,27 @@ def check_data(data) -> tuple[tuple[Tensor, ...], Tensor]:
     return tuple(inputs), targets
 
 
+def draw_seeds(count: int, generator: torch.Generator | None = None) -> list[int]:
+    """The per-trajectory batch seeds :func:`draw_batches` draws from ``generator``."""
+    return torch.randint(0, 2**62, (count,), generator=generator).tolist()
+
+
 def draw_batches(pool_size: int, batch_sizes: Sequence[int], query_size: int, steps: int,
-                 generator: torch.Generator | None = None) -> list[TrajectoryBatches]:
+                 generator: torch.Generator | None = None, seeds: Sequence[int] | None = None) -> list[TrajectoryBatches]:
     """Indices for every trajectory and step, reproducible from ``generator``
-    (the global RNG when None): one seed per trajectory is drawn from it."""
+    (the global RNG when None): one seed per trajectory is drawn from it.
+    ``seeds`` gives those seeds instead (``generator`` is then not used): a
+    process simulating part of a larger set passes the seeds of its trajectories."""
     too_big = [b for b in batch_sizes if b + query_size > pool_size]
     if too_big:
         raise ValueError(
             f"batch_size: batch_size + query_size must be <= the number of samples in data ({pool_size}); "
             f"got batch sizes {sorted(set(too_big))} with query_size {query_size}"
         )
-    seeds = torch.randint(0, 2**62, (len(batch_sizes),), generator=generator).tolist()
+    if seeds is None:
+        seeds = draw_seeds(len(batch_sizes), generator)
+    elif len(seeds) != len(batch_sizes):
+        raise ValueError(f"batch_seeds: expected one seed per strategy ({len(batch_sizes)}), got {len(seeds)}")
     out = []
     for seed, batch_size in zip(seeds, batch_sizes):
         local = torch.Generator().manual_seed(seed)

@@ -16,13 +16,17 @@ read and write the same stacked state:
 - ``loop``: forward/backward trajectory by trajectory with the ordinary
   kernels (no padding).
 
-Both then update every group with one vmapped call. ``auto`` times both on
-the first steps and keeps the faster (cached per signature).
+Both then update every group with one vmapped call. ``auto`` times them
+(and the loop with channels-last image inputs) on the first steps and keeps
+the fastest (cached per signature: model, shapes, batch sizes, device,
+threads).
 """
 
 from __future__ import annotations
 
+import functools
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,12 +34,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from ._simulate_memory import is_out_of_memory
 from .optim.functional import FunctionalOptimizer
 
 # (signature) -> "vmap" | "loop"; filled by timing the first steps of a run.
 _PATH_CACHE: dict[tuple, str] = {}
-# Steps timed per path before choosing (the first of each is a warm-up).
-_CALIBRATION_STEPS = 2
+# Steps timed per candidate before choosing (the first of each is a warm-up).
+_CALIBRATION_ROUNDS = 2
 
 
 @dataclass
@@ -81,6 +86,12 @@ def _update_function(group: UpdateGroup):
     return vmap(update, randomness="different")
 
 
+def _channels_last(inputs: tuple) -> tuple:
+    """(n, B, C, H, W) float inputs laid out so each trajectory's (B, C, H, W) slice is channels-last."""
+    return tuple(t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) if t.dim() == 5 and t.is_floating_point() else t
+                 for t in inputs)
+
+
 class ChunkRunner:
     """Steps a :class:`Chunk` with the vmap or loop path; accumulates query losses and gradients."""
 
@@ -111,51 +122,56 @@ class ChunkRunner:
     def _rows(tensors: dict, rows: slice) -> dict:
         return {n: t[rows] for n, t in tensors.items()}
 
-    def _update(self, grads: dict) -> None:
-        pieces = []
-        for i, (group, update) in enumerate(zip(self.chunk.groups, self.updates)):
-            new_params, self.states[i] = update(self._rows(self.params, group.rows), self._rows(grads, group.rows),
-                                                self.states[i], group.hp_varying, group.masks)
+    def _updated(self, grads: dict) -> tuple[dict, list]:
+        """New (params, states) after one update of every group; nothing is assigned."""
+        pieces, states = [], []
+        for group, update, state in zip(self.chunk.groups, self.updates, self.states):
+            new_params, new_state = update(self._rows(self.params, group.rows), self._rows(grads, group.rows),
+                                           state, group.hp_varying, group.masks)
             pieces.append(new_params)
+            states.append(new_state)
         if len(pieces) == 1:
-            self.params = pieces[0]
-        else:
-            self.params = {n: torch.cat([p[n] for p in pieces]) for n in self.params}
+            return pieces[0], states
+        return {n: torch.cat([p[n] for p in pieces]) for n in self.params}, states
 
-    # -- the two paths -------------------------------------------------------------
+    # -- the two paths: each computes the whole step, then commits it ----------
+    # (so a step that raises leaves the state as it was and can be redone)
     def step_vmap(self, batch) -> None:
         x, y, w, qx, qy = batch
-        self._update(self._adapt_grads[w is not None](self.params, x, y, w))
+        params, states = self._updated(self._adapt_grads[w is not None](self.params, x, y, w))
         if self.second_order:
-            self._record(None, self._query_vmapped(self.params, qx, qy, None))
+            query_grads, loss = None, self._query_vmapped(params, qx, qy, None)
         else:
-            self._record(*self._query_vmapped(self.params, qx, qy, None))
+            query_grads, loss = self._query_vmapped(params, qx, qy, None)
+        self._commit(params, states, query_grads, loss)
 
-    def step_loop(self, batch) -> None:
+    def step_loop(self, batch, channels_last: bool = False) -> None:
         x, y, w, qx, qy = batch
+        if channels_last:
+            x, qx = _channels_last(x), _channels_last(qx)
         grads = {n: [] for n in self.params}
         for j, size in enumerate(self.chunk.batch_sizes):
             # unpadded: the ordinary kernels on this trajectory's real batch
-            g, _ = self._autograd(self.adapt, j, tuple(t[j, :size] for t in x), y[j, :size])
+            g, _ = self._autograd(self.adapt, self.params, j, tuple(t[j, :size] for t in x), y[j, :size])
             for n in grads:
                 grads[n].append(g[n])
-        self._update({n: torch.stack(g) for n, g in grads.items()})
-        query_grads = {n: [] for n in self.params}
+        params, states = self._updated({n: torch.stack(g) for n, g in grads.items()})
+        query_grads = {n: [] for n in params}
         losses = []
         for j in range(len(self.chunk.batch_sizes)):
-            g, loss = self._autograd(self.query, j, tuple(t[j] for t in qx), qy[j], need_grad=not self.second_order)
+            g, loss = self._autograd(self.query, params, j, tuple(t[j] for t in qx), qy[j], need_grad=not self.second_order)
             losses.append(loss)
             for n in query_grads if g is not None else ():
                 query_grads[n].append(g[n])
         stacked_query = None if self.second_order else {n: torch.stack(g) for n, g in query_grads.items()}
-        self._record(stacked_query, torch.stack(losses))
+        self._commit(params, states, stacked_query, torch.stack(losses))
 
-    def _autograd(self, objective, j, inputs, targets, need_grad=True):
+    def _autograd(self, objective, stacked, j, inputs, targets, need_grad=True):
         """Plain-autograd gradient of trajectory j's objective (no functorch: any op works)."""
         if self.second_order:
-            params = {n: p[j] for n, p in self.params.items()}  # views inside the meta graph
+            params = {n: p[j] for n, p in stacked.items()}  # views inside the meta graph
         else:
-            params = {n: p[j].detach().requires_grad_(True) for n, p in self.params.items()}
+            params = {n: p[j].detach().requires_grad_(True) for n, p in stacked.items()}
         loss = objective(params, inputs, targets, None)
         if not need_grad:
             return None, loss
@@ -163,7 +179,8 @@ class ChunkRunner:
         out = {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(params, grads)}
         return out, loss if self.second_order else loss.detach()
 
-    def _record(self, query_grads, loss) -> None:
+    def _commit(self, params, states, query_grads, loss) -> None:
+        self.params, self.states = params, states
         self.losses.append(loss)
         if query_grads is not None:
             for n, g in query_grads.items():
@@ -171,24 +188,46 @@ class ChunkRunner:
 
 
 def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[ChunkRunner, str]:
-    """Run every step; ``batches[k]()`` gives step k's stacked batch. Returns the runner and the path used."""
+    """Run every step; ``batches[k]()`` gives step k's stacked batch. Returns the runner and the path used.
+
+    ``path="auto"`` with no cached choice: the first steps go round the
+    candidates twice (vmap, loop, and, for image inputs, loop with
+    channels-last activations, which oneDNN's convolutions often run
+    faster); the fastest second-round time wins and is cached.
+    """
     runner = ChunkRunner(chunk)
-    steps = len(batches)
+    variants = {
+        "vmap": runner.step_vmap,
+        "loop": runner.step_loop,
+        "loop_channels_last": functools.partial(runner.step_loop, channels_last=True),
+    }
     chosen = path if path != "auto" else _PATH_CACHE.get(signature)
-    timings: dict[str, list[float]] = {"vmap": [], "loop": []}
-    for k in range(steps):
+    timings: dict[str, list[float]] = {}
+    for k in range(len(batches)):
         batch = batches[k]()
-        if chosen is None and k < 2 * _CALIBRATION_STEPS and steps >= 2 * _CALIBRATION_STEPS:
-            trial = "vmap" if k % 2 == 0 else "loop"
-            start = time.perf_counter()
-            getattr(runner, "step_" + trial)(batch)
-            timings[trial].append(time.perf_counter() - start)
-            if k == 2 * _CALIBRATION_STEPS - 1:
-                # the first call of each includes one-off costs: compare the later ones
-                chosen = min(timings, key=lambda p: min(timings[p][1:]))
-                _PATH_CACHE[signature] = chosen
+        if chosen is None and not timings:
+            image_inputs = any(t.dim() == 5 and t.is_floating_point() for t in batch[0])  # (n, B, C, H, W)
+            candidates = [v for v in variants if image_inputs or v != "loop_channels_last"]
+            if len(batches) < _CALIBRATION_ROUNDS * len(candidates):
+                chosen = "loop"  # too few steps to time: the path that is never much slower
+            timings = {v: [] for v in candidates}
+        if chosen is not None:
+            variants[chosen](batch)
             continue
-        if chosen is None:
-            chosen = "loop"  # too few steps to time: the path that is never much slower
-        getattr(runner, "step_" + chosen)(batch)
-    return runner, chosen or "loop"
+        trial = list(timings)[k % len(timings)]
+        start = time.perf_counter()
+        try:
+            variants[trial](batch)
+        except (RuntimeError, NotImplementedError) as exc:
+            if trial != "vmap" or is_out_of_memory(exc):
+                raise
+            # e.g. a loss built on an autograd.Function without functorch support
+            warnings.warn(f"simulate: the vmap path failed ({exc}); using the loop path", RuntimeWarning, stacklevel=2)
+            chosen = _PATH_CACHE[signature] = "loop"
+            runner.step_loop(batch)
+            continue
+        timings[trial].append(time.perf_counter() - start)
+        if k == _CALIBRATION_ROUNDS * len(timings) - 1:
+            # the first round includes one-off costs (allocations, lazy imports): compare the last
+            chosen = _PATH_CACHE[signature] = min(timings, key=lambda v: timings[v][-1])
+    return runner, "vmap" if chosen == "vmap" else "loop"

@@ -10,7 +10,10 @@ written atomically), and every starting point's curve to
 the data and the task. So a re-run skips finished attacks, a run with a new
 protected model only re-trains the protected column, and ``shard=(rank,
 world)`` lets processes split the grid (attack ``i`` runs where
-``i % world == rank``).
+``i % world == rank``); ``jobs=N`` runs N attacks at a time in worker processes.
+
+Command line: :func:`add_attack_arguments` / :func:`run_attack_cli` (``sophon
+attack``; also ``python -m sophon_ext.attack``).
 """
 
 from __future__ import annotations
@@ -20,17 +23,17 @@ import copy
 import hashlib
 import itertools
 import json
-import math
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from . import surgery
+from . import distributed, surgery
 from .data import ArrayDataset
 from .diagnostics import compare_models
 from .finetune import ATTACK_METHODS, SCHEDULES, AttackSpec, as_dataset, fine_tune, prepare_attack_model
+from .optim.presets import PRESETS
 from .report import atomic_write_json, build_report, summarise_attack, write_outputs
 
 __all__ = [
@@ -43,9 +46,12 @@ __all__ = [
 GRID_PRESETS: dict[str, dict] = {
     "paper": {"methods": ["full"], "optimizers": ["sgd_momentum"], "lrs": [1e-4], "batch_sizes": [200],
               "epochs": [20], "weight_decays": [1e-4]},
+    # SGD and Adagrad learn nothing in 10 epochs from scratch at Adam's rates: each gets its own two rates
     "default": {"methods": ["full", "reinit_head", "head_only"],
                 "optimizers": ["sgd_momentum", "nesterov", "adam", "rmsprop", "adagrad"],
-                "lrs": [1e-3, 1e-2], "batch_sizes": [64], "epochs": [10], "weight_decays": [1e-4]},
+                "lrs": {"sgd_momentum": [1e-2, 1e-1], "nesterov": [1e-2, 1e-1], "adam": [1e-3, 1e-2],
+                        "rmsprop": [1e-3, 1e-2], "adagrad": [1e-2, 1e-1]},
+                "batch_sizes": [64], "epochs": [10], "weight_decays": [1e-4]},
     "quick": {"methods": ["full", "head_only"], "optimizers": ["adam"], "lrs": [1e-3], "batch_sizes": [64],
               "epochs": [3]},
     "methods": {"methods": list(ATTACK_METHODS), "optimizers": ["adam"], "lrs": [1e-3], "batch_sizes": [64],
@@ -69,7 +75,10 @@ def expand_grid(config: dict | str) -> list[AttackSpec]:
     optional ``preset`` (the base, overridden by the other keys), list-valued
     grid keys ``methods, optimizers, lrs, batch_sizes, epochs, weight_decays,
     schedules, seeds, ranks`` (singular names and scalars are accepted too),
-    ``layers`` and ``hparams`` shared by every attack, and ``attacks``: extra
+    ``lrs`` may also map optimizer names to their own learning rates
+    (``{"sgd_momentum": [0.01, 0.1], "adam": [1e-3, 1e-2]}``), since SGD and
+    adaptive optimizers work at different scales. ``layers`` and ``hparams``
+    are shared by every attack, and ``attacks`` lists extra
     attacks, each a dict of :class:`AttackSpec` fields or a method name; an
     explicit attack fixes the fields it sets and is spanned over the grid's
     values of the others (so ``seeds: [0, 1]`` runs every attack twice). The
@@ -94,6 +103,14 @@ def expand_grid(config: dict | str) -> list[AttackSpec]:
             known = sorted([*_GRID_KEYS, *_SINGULAR, *_SHARED_KEYS, "attacks", "preset"])
             raise ValueError(f"grid: unknown key {key!r}; known keys: {known}")
         merged[key] = value
+    lr_table = merged.pop("lrs", None) if isinstance(merged.get("lrs"), dict) else None
+    if lr_table is not None:
+        lr_table = {opt: (v if isinstance(v, (list, tuple)) else [v]) for opt, v in lr_table.items()}
+        for opt, values in lr_table.items():
+            if opt not in PRESETS:
+                raise ValueError(f"grid lrs: unknown optimizer {opt!r}; choose among {sorted(PRESETS)}")
+            if not values:
+                raise ValueError(f"grid lrs: no learning rate for {opt!r}")
     axes = {}
     for key, field_name in _GRID_KEYS.items():
         if key in merged:
@@ -102,12 +119,26 @@ def expand_grid(config: dict | str) -> list[AttackSpec]:
                 raise ValueError(f"grid: {key} is empty")
             axes[field_name] = list(values)
     shared = {k: merged[k] for k in _SHARED_KEYS if k in merged}
+
+    def span(fixed: dict) -> list[AttackSpec]:
+        """Attacks with the ``fixed`` fields, over every combination of the other axes."""
+        free = [name for name in axes if name not in fixed]
+        out = []
+        for combo in itertools.product(*(axes[n] for n in free)):
+            fields = {**copy.deepcopy(shared), **dict(zip(free, combo)), **fixed}
+            if lr_table is None or "lr" in fixed:
+                out.append(AttackSpec(**fields))
+                continue
+            optimizer = fields.get("optimizer", AttackSpec.optimizer)
+            if optimizer not in lr_table:
+                raise ValueError(f"grid lrs: no learning rates for optimizer {optimizer!r} (lrs lists {sorted(lr_table)})")
+            out += [AttackSpec(**fields, lr=lr) for lr in lr_table[optimizer]]
+        return out
+
     specs: list[AttackSpec] = []
-    # a grid is spanned unless the config only lists explicit attacks (then the axes give their defaults)
+    # a grid is spanned unless the config only lists explicit attacks (then the axes span those)
     if "method" in axes or "optimizer" in axes or "attacks" not in merged:
-        names = list(axes)
-        for combo in itertools.product(*(axes[n] for n in names)):
-            specs.append(AttackSpec(**dict(zip(names, combo)), **copy.deepcopy(shared)))
+        specs += span({})
     for item in merged.get("attacks", []):
         if isinstance(item, str):
             item = {"method": item}
@@ -117,9 +148,7 @@ def expand_grid(config: dict | str) -> list[AttackSpec]:
         if unknown:
             raise ValueError(f"grid attacks: unknown attack fields {unknown}; known: {sorted(AttackSpec.__dataclass_fields__)}")
         # an explicit attack fixes the fields it sets; the grid's axes span the others
-        free = [name for name in axes if name not in item]
-        for combo in itertools.product(*(axes[n] for n in free)):
-            specs.append(AttackSpec(**{**copy.deepcopy(shared), **dict(zip(free, combo)), **item}))
+        specs += span(item)
     if not specs:
         raise ValueError("grid: no attacks (give methods/optimizers, a preset, or an attacks list)")
     unique = {}
@@ -237,6 +266,8 @@ def run_attacks(protected: nn.Module, unprotected: nn.Module | None, scratch_fac
     written there (resumed unless ``resume=False``), and once every attack of
     the grid has a result, report.json, curves.csv, summary.md and the plots.
     ``shard=(rank, world)`` runs only attacks ``i`` with ``i % world == rank``.
+    Under torchrun (``shard`` None), the ranks share the grid out the same way,
+    gather every result, and each returns the full report (rank 0 writes it).
     ``jobs > 1`` runs the attacks in that many spawned processes (needs
     ``out_dir``, and picklable models, data and task).
     ``head`` names the classifier head when :func:`surgery.find_head` cannot.
@@ -256,6 +287,9 @@ def run_attacks(protected: nn.Module, unprotected: nn.Module | None, scratch_fac
         raise ValueError(f"restricted data: train and test must be non-empty, got {len(train)} and {len(test)} samples")
     specs = load_grid(grid)
     world_rank = _check_shard(shard)
+    comm = distributed.setup() if shard is None else distributed.Communicator()
+    if comm.is_distributed:
+        world_rank = (comm.rank, comm.world_size)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs: must be an int >= 1, got {jobs!r}")
     if unprotected is not None:
@@ -291,8 +325,13 @@ def run_attacks(protected: nn.Module, unprotected: nn.Module | None, scratch_fac
         for record in _in_processes(jobs, jobs_args, progress, device):
             records[record["name"]] = record
     else:
-        for args in _progress(jobs_args, progress):
+        bar = _progress(jobs_args, progress and comm.is_main)
+        for args in bar:
+            if hasattr(bar, "set_postfix_str"):  # which attack is running (a full grid takes minutes)
+                bar.set_postfix_str(args[0].name, refresh=False)
             records[args[0].name] = _attack_record(*args)
+    for gathered in comm.gather_objects(records):  # no shared file system needed
+        records.update(gathered)
 
     attacks = []
     for spec in specs:
@@ -325,7 +364,7 @@ def run_attacks(protected: nn.Module, unprotected: nn.Module | None, scratch_fac
     }
     report = build_report(task, run_config, attacks, original_domain, diag, seeds=seeds, complete=complete,
                           command=command)
-    if out is not None and complete:
+    if out is not None and complete and comm.is_main:
         write_outputs(report, out, plots=plots)
     return report
 
@@ -344,7 +383,8 @@ def _attack_record(spec: AttackSpec, models: dict[str, nn.Module], keys: dict[st
         cache_path = out / "cache" / f"{name}-{keys[name]}.json" if out is not None else None
         curve = _read_json(cache_path) if (resume and cache_path is not None) else None
         if curve is None:
-            curve = fine_tune(model, spec, task, train, test, device=device, head=head)
+            inspect = _inspection(task, test, out, spec, name)
+            curve = fine_tune(model, spec, task, train, test, device=device, head=head, inspect=inspect)
             if cache_path is not None:
                 atomic_write_json(cache_path, curve)
         curves[name] = curve
@@ -353,6 +393,17 @@ def _attack_record(spec: AttackSpec, models: dict[str, nn.Module], keys: dict[st
     if run_path is not None:
         atomic_write_json(run_path, record)
     return record
+
+
+def _inspection(task, test: ArrayDataset, out: Path | None, spec: AttackSpec, start: str):
+    """The task's optional look at each fine-tuned model, ``task.inspect_model(model, reference,
+    path, seed)`` (generation: a sample grid under ``out/samples`` and a distance to the real
+    restricted test images); None when the task has none."""
+    inspect = getattr(task, "inspect_model", None)
+    if inspect is None:
+        return None
+    path = out / "samples" / f"{spec.name}-{start}.png" if out is not None else None
+    return lambda model: inspect(model, test.x, path, seed=spec.seed)
 
 
 def _worker_init(threads: int) -> None:
@@ -567,7 +618,8 @@ def run_attack_cli(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m sophon_ext.attack``: the same as ``sophon attack``."""
-    parser = add_attack_arguments(argparse.ArgumentParser(prog="sophon attack", description=__doc__.splitlines()[0]))
+    parser = add_attack_arguments(argparse.ArgumentParser(
+        prog="sophon attack", description="Evaluate a protected model against real fine-tuning attacks."))
     return run_attack_cli(parser.parse_args(argv))
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import distributed
 from .config import Config, ConfigError, load_config, save_config
 
 # A seconds-long version of every job, for smoke tests and trying the pipeline.
@@ -153,7 +154,8 @@ def _cmd_protect(args: argparse.Namespace) -> int:
                               "(sophon pretrain writes one) or set model.weights in the config")
         model, spec = load_model_file(config.model.weights, config.device)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    if distributed.current().is_main:
+        save_config(config, out / "config.yaml")
     outcome = run_protect(config, model, spec, out, resume=args.resume, progress=args.progress)
     result = outcome.result
     status = f"stopped: {result.stop_reason}" if result.stopped else "done"
@@ -305,12 +307,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command != "attack":
+            threads = build_config(args).threads
+            if threads is not None:
+                import torch
+
+                torch.set_num_threads(threads)
+        if args.command in ("protect", "attack"):
+            distributed.setup()  # under torchrun: join the process group before any model is loaded
+        elif args.command in ("demo", "pretrain") and distributed.launched_by_torchrun():
+            raise ConfigError(f"{args.command}: runs in one process; under torchrun run sophon protect and "
+                              "sophon attack (see docs/SCALING.md)")
         return args.handler(args)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError, TypeError) as exc:
         if os.environ.get("SOPHON_DEBUG", "") not in ("", "0"):
             raise  # the full traceback, for bug reports
         print(f"sophon {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except distributed.DistributedError as exc:
+        print(f"sophon {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"sophon {args.command}: interrupted", file=sys.stderr)
         return 130

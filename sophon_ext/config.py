@@ -106,9 +106,9 @@ class ModelConfig:
 class PretrainConfig:
     """Ordinary training on the original domain (what ``sophon pretrain`` and the demo run)."""
 
-    epochs: int = 4
-    lr: float = 3e-3
-    batch_size: int = 64
+    epochs: int = 8
+    lr: float = 1e-2
+    batch_size: int = 32
     optimizer: str = "adam"
 
     def _validate(self, where: str) -> None:
@@ -289,6 +289,8 @@ class Config:
     mode: Literal["classification", "generation"] = "classification"
     seed: int = 0
     device: str = "cpu"
+    #: CPU threads for torch (the command line applies it; null: torch's default)
+    threads: Optional[int] = None
     #: keyword arguments of the task plug-in (classification: suppression, ice_weight, klu_weight)
     task: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
@@ -299,6 +301,7 @@ class Config:
 
     def _validate(self, where: str) -> None:
         _check(self.seed >= 0, where, "seed", f"must be >= 0, got {self.seed}")
+        _check(self.threads is None or self.threads >= 1, where, "threads", f"must be >= 1 or null, got {self.threads}")
         try:
             import torch
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import Config, ConfigError, ProtectConfig, StrategyConfig
 from .data import ArrayDataset, DomainSplits, split
 from .tasks import Task, make_task
@@ -149,6 +150,9 @@ class Sophon:
             so a run can resume without the Python model object.
         progress: show a tqdm bar with the live losses.
         simulate_fn: replaces :func:`sophon_ext.simulate` (same contract).
+        comm: a :class:`~sophon_ext.distributed.Communicator`; default
+            :func:`sophon_ext.distributed.setup` (under torchrun the strategies
+            are shared out over the ranks, the result is the single-process one).
     """
 
     def __init__(
@@ -165,6 +169,7 @@ class Sophon:
         head: str | None = None,
         progress: bool = False,
         simulate_fn: Callable | None = None,
+        comm: distributed.Communicator | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -181,7 +186,9 @@ class Sophon:
             raise ValueError("model: has no trainable parameters")
         self.model_spec = model_spec
         self.head = head
-        self.progress = progress
+        self.comm = comm if comm is not None else distributed.setup()
+        self.comm.broadcast_(list(model.state_dict().values()))  # every rank starts from rank 0's model
+        self.progress = progress and self.comm.is_main
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self._simulate = simulate_fn
 
@@ -262,7 +269,9 @@ class Sophon:
         inputs, targets = self._restricted_pool()
         buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         self.model.train()
-        result = simulate(
+        result = distributed.simulate_sharded(
+            self.comm,
+            simulate,
             self.model,
             strategies,
             data=(inputs, targets),
@@ -307,15 +316,20 @@ class Sophon:
         loss = self.task.original_loss(self.model(*inputs), targets)
         self.ntr_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # every rank ran the same batch; rank 0's gradient, statistics and loss keep them identical
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        self.comm.broadcast_([loss.detach(), *grads, *self.model.buffers()])
         self.ntr_optimizer.step()
         self.ntr_optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
     def evaluate_original(self) -> float:
         """The task's metric on the held-out original-domain split."""
+        if not self.comm.is_main:  # rank 0 measures for all, so the guard decides the same everywhere
+            return self.comm.broadcast_object(None)
         seed = self.config.seed  # fixed, so the guard compares like with like (generation draws noise)
         metrics = self.task.evaluate(self.model, self.original_val.x, self.original_val.y, seed=seed)
-        return float(metrics[self.task.metric_name])
+        return self.comm.broadcast_object(float(metrics[self.task.metric_name]))
 
     def _bound(self) -> float | None:
         """The worst acceptable guard metric, or None when nothing is enforced."""
@@ -412,7 +426,7 @@ class Sophon:
         self.history.append(record)
         self._log(record)
         every = self.pc.checkpoint_every
-        if self.out_dir is not None and ((every and self.iteration % every == 0) or at_end or self.stopped):
+        if self.out_dir is not None and self.comm.is_main and ((every and self.iteration % every == 0) or at_end or self.stopped):
             self.save_checkpoint()
         return record
 
@@ -484,7 +498,7 @@ class Sophon:
         return self.out_dir / "log.jsonl" if self.out_dir is not None else None
 
     def _log(self, record: dict) -> None:
-        if self.log_path is None:
+        if self.log_path is None or not self.comm.is_main:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as fh:
@@ -584,7 +598,7 @@ class Sophon:
         return records
 
     def _rewrite_log(self) -> None:
-        if self.log_path is None:
+        if self.log_path is None or not self.comm.is_main:
             return
         text = "".join(json.dumps(r) + "\n" for r in self.history)
         ckpt.atomic_write_bytes(self.log_path, text.encode())

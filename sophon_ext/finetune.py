@@ -277,14 +277,16 @@ def _finite(value: float) -> bool:
 
 
 def fine_tune(model: nn.Module, spec: AttackSpec, task, train, test, device: str | torch.device = "cpu",
-              head: str | None = None) -> dict:
+              head: str | None = None, inspect: Callable[[nn.Module], dict] | None = None) -> dict:
     """Run ``spec`` on a copy of ``model`` (the model itself is untouched).
 
     Returns the run's curves: ``metric`` and ``loss`` on ``test`` (``epochs + 1``
     entries, entry 0 after the surgery and before any step), ``train_loss``
     (entry 0 is None), ``diverged`` / ``diverged_at_epoch`` (a non-finite
     training or test loss; later entries are None), ``steps_per_epoch``,
-    ``trainable_parameters`` and ``time_s``.
+    ``trainable_parameters`` and ``time_s``. ``inspect``, if given, is called
+    on the fine-tuned model when the run did not diverge; its dict goes under
+    ``inspection`` (e.g. generation's sample grid and distribution distance).
     """
     train, test = as_dataset(train, "train").to(device), as_dataset(test, "test").to(device)
     started = time.perf_counter()
@@ -295,6 +297,8 @@ def fine_tune(model: nn.Module, spec: AttackSpec, task, train, test, device: str
         data_gen = torch.Generator().manual_seed(spec.seed)
         attacked, params = prepare_attack_model(model, spec, task, train, test, head, surgery_gen, device)
         curve = _train_loop(attacked, params, spec, task, train, test, data_gen)
+        if inspect is not None and not curve["diverged"]:
+            curve["inspection"] = inspect(attacked)
     curve["trainable_parameters"] = sum(p.numel() for p in params)
     curve["time_s"] = time.perf_counter() - started
     return curve

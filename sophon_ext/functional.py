@@ -82,6 +82,15 @@ def _check_rows(op: str, logits: Tensor, target: Tensor | None, needs_target: bo
         raise ValueError(f"sophon_ext::{op}: target is on {target.device} but logits on {logits.device}")
 
 
+def _check_row_input(op: str, name: str, value: Tensor, logits: Tensor, row_shape: tuple) -> None:
+    """A backward op's (N,) or (N, k) input: the kernels' check_row_input."""
+    if value.shape != logits.shape[:1] + row_shape or value.device != logits.device or not value.is_floating_point():
+        raise ValueError(
+            f"sophon_ext::{op}: {name} has shape {tuple(value.shape)} ({value.dtype}, {value.device}), which does not "
+            f"match logits {tuple(logits.shape)} on {logits.device}"
+        )
+
+
 def _check_target_range(op: str, target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
     """Mask of non-ignored rows; raises IndexError for labels outside [0, C)."""
     valid = target != ignore_index
@@ -90,41 +99,71 @@ def _check_target_range(op: str, target: Tensor, num_classes: int, ignore_index:
     return valid
 
 
-def _masked_logsumexp_excluding(z: Tensor, y: Tensor) -> Tensor:
-    return z.scatter(1, y[:, None], float("-inf")).logsumexp(1)
+def _row_masks(target: Tensor | None, ignore_index: int, z: Tensor) -> tuple[Tensor, Tensor]:
+    """(valid rows (N,), target-class mask (N, C); all False without a target)."""
+    n, c = z.shape
+    if target is None:
+        return torch.ones(n, dtype=torch.bool, device=z.device), torch.zeros(n, c, dtype=torch.bool, device=z.device)
+    valid = target != ignore_index
+    return valid, F.one_hot(torch.where(valid, target, 0), c).bool()
+
+
+def _zero_invalid(valid: Tensor, x: Tensor) -> Tensor:
+    return torch.where(valid.reshape(-1, *([1] * (x.dim() - 1))), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _target_logit(z: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+    """z[i, target[i]] (z[i, 0] for ignored rows); gather, so inf elsewhere stays out."""
+    return z.gather(1, torch.where(target != ignore_index, target, 0)[:, None]).squeeze(1)
+
+
+def _logsumexp_float64(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Row logsumexp as the kernels compute it: (float64 result, shift in z's dtype).
+
+    The shift is the row max, or 0 when that is infinite (as torch.logsumexp).
+    """
+    m = z.amax(1)
+    shift = torch.where(m.isinf(), 0, m)
+    total = torch.exp(z - shift[:, None]).sum(1)
+    return shift.double() + total.double().log(), shift
+
+
+def _exp_minus(z: Tensor, lse: Tensor) -> Tensor:
+    """exp(z - lse) for a float64 lse, exact to z's precision: lse = hi + remainder."""
+    hi = lse.to(z.dtype)
+    scale = torch.where(lse.isfinite(), torch.exp(hi.double() - lse), 1.0).to(z.dtype)
+    return torch.exp(z - hi[:, None]) * scale[:, None]
 
 
 def _suppression_reference(logits, target, ice_weight, klu_weight, ignore_index):
     """Reference for sophon_ext::suppression_loss; same outputs as the kernels.
 
     Per row: ``loss = ice_weight * ICE + klu_weight * KLU`` (0 for ignored rows)
-    and ``stats = (L, d)`` with L = logsumexp over the non-target classes and
-    d = z_y - L (without target: L = logsumexp over all classes, d = -inf).
-    Then ICE = softplus(d), p_y = sigmoid(d), logsumexp(z) = L + softplus(d).
+    and float64 ``stats = (L, d)`` with L = logsumexp over the non-target
+    classes and d = z_y - L (without target: L = logsumexp over all classes,
+    d = -inf). Then ICE = softplus(d), p_y = sigmoid(d),
+    logsumexp(z) = L + softplus(d).
     """
     _check_rows("suppression_loss", logits, target, ice_weight != 0)
     z = logits.to(_accumulation_dtype(logits.dtype))
-    n, c = z.shape
+    c = z.shape[1]
+    if target is not None:
+        _check_target_range("suppression_loss", target, c, ignore_index)
+    valid, is_y = _row_masks(target, ignore_index, z)
+    lse_rest, _ = _logsumexp_float64(z.masked_fill(is_y, float("-inf")))
     if target is None:
-        valid = torch.ones(n, dtype=torch.bool, device=z.device)
-        lse_rest = z.logsumexp(1)
         d = torch.full_like(lse_rest, float("-inf"))
     else:
-        valid = _check_target_range("suppression_loss", target, c, ignore_index)
-        y = torch.where(valid, target, 0)
-        lse_rest = _masked_logsumexp_excluding(z, y)
-        d = z.gather(1, y[:, None]).squeeze(1) - lse_rest
+        d = _target_logit(z, target, ignore_index).double() - lse_rest
     ice = torch.logaddexp(d, torch.zeros_like(d))  # softplus without overflow
     loss = torch.zeros_like(d)
     # A zero weight must not turn an infinite term into NaN (0 * inf).
     if ice_weight != 0:
         loss = loss + ice_weight * ice
     if klu_weight != 0:
-        loss = loss + klu_weight * (lse_rest + ice - z.mean(1) - math.log(c))
-    zero = torch.zeros_like(d)
-    loss = torch.where(valid, loss, zero)
-    stats = torch.stack([torch.where(valid, lse_rest, zero), torch.where(valid, d, zero)], 1)
-    return loss.to(logits.dtype), stats
+        loss = loss + klu_weight * (lse_rest + ice - z.sum(1).double() / c - math.log(c))
+    stats = _zero_invalid(valid, torch.stack([lse_rest, d], 1))
+    return _zero_invalid(valid, loss).to(logits.dtype), stats
 
 
 def _suppression_backward_reference(grad_loss, logits, target, stats, ice_weight, klu_weight, ignore_index):
@@ -137,50 +176,52 @@ def _suppression_backward_reference(grad_loss, logits, target, stats, ice_weight
     grad_y = g (ice_weight p_y + klu_weight (p_y - 1/C)).
     """
     _check_rows("suppression_loss_backward", logits, target, ice_weight != 0)
-    acc = _accumulation_dtype(logits.dtype)
-    z = logits.to(acc)
-    g = grad_loss.to(acc)
+    _check_row_input("suppression_loss_backward", "grad_loss", grad_loss, logits, ())
+    _check_row_input("suppression_loss_backward", "stats", stats, logits, (2,))
+    z = logits.to(_accumulation_dtype(logits.dtype))
     c = z.shape[1]
-    lse_rest, d = stats.to(acc).unbind(1)
-    p_y, rest = torch.sigmoid(d), torch.sigmoid(-d)
-    a = g * (klu_weight * rest - ice_weight * p_y)
-    b = g * (-klu_weight / c)
-    grad = a[:, None] * torch.exp(z - lse_rest[:, None]) + b[:, None]
     if target is not None:
-        valid = _check_target_range("suppression_loss_backward", target, c, ignore_index)
-        y = torch.where(valid, target, 0)
-        grad_y = g * (ice_weight * p_y + klu_weight * (p_y - 1.0 / c))
-        grad = grad.scatter(1, y[:, None], grad_y[:, None])
-        grad = torch.where(valid[:, None], grad, torch.zeros_like(grad))
-    return grad.to(logits.dtype)
+        _check_target_range("suppression_loss_backward", target, c, ignore_index)
+    valid, is_y = _row_masks(target, ignore_index, z)
+    g = grad_loss.double()
+    lse_rest, d = stats.double().unbind(1)
+    p_y, rest = torch.sigmoid(d), torch.sigmoid(-d)
+    a = (g * (klu_weight * rest - ice_weight * p_y)).to(z.dtype)
+    b = (g * (-klu_weight / c)).to(z.dtype)
+    grad_y = (g * (ice_weight * p_y + klu_weight * (p_y - 1.0 / c))).to(z.dtype)
+    grad = torch.where(is_y, grad_y[:, None], a[:, None] * _exp_minus(z, lse_rest) + b[:, None])
+    return _zero_invalid(valid, grad).to(logits.dtype)
 
 
 def _ice_reference_reference(logits, target, ignore_index):
     """Reference for sophon_ext::inverse_cross_entropy_reference.
 
-    Per row: loss = CE(1 - z, y) = z_y + logsumexp(-z); stats = logsumexp(-z).
+    Per row: loss = CE(1 - z, y) = z_y + logsumexp(-z); float64 stats = logsumexp(-z).
     """
     _check_rows("inverse_cross_entropy_reference", logits, target, True)
     z = logits.to(_accumulation_dtype(logits.dtype))
-    valid = _check_target_range("inverse_cross_entropy_reference", target, z.shape[1], ignore_index)
-    y = torch.where(valid, target, 0)
-    lse_neg = (-z).logsumexp(1)
-    loss = z.gather(1, y[:, None]).squeeze(1) + lse_neg
-    zero = torch.zeros_like(lse_neg)
-    return torch.where(valid, loss, zero).to(logits.dtype), torch.where(valid, lse_neg, zero)
+    _check_target_range("inverse_cross_entropy_reference", target, z.shape[1], ignore_index)
+    valid, is_y = _row_masks(target, ignore_index, z)
+    lse_neg, shift = _logsumexp_float64(-z)
+    # z_y + shift first: both large and close when y is the lowest logit
+    loss = (_target_logit(z, target, ignore_index) + shift).double() + (lse_neg - shift.double())
+    return _zero_invalid(valid, loss).to(logits.dtype), _zero_invalid(valid, lse_neg)
 
 
 def _ice_reference_backward_reference(grad_loss, logits, target, stats, ignore_index):
     """Reference for sophon_ext::inverse_cross_entropy_reference_backward: g (e_y - softmax(-z))."""
     _check_rows("inverse_cross_entropy_reference_backward", logits, target, True)
-    acc = _accumulation_dtype(logits.dtype)
-    z = logits.to(acc)
-    g = grad_loss.to(acc)
-    valid = _check_target_range("inverse_cross_entropy_reference_backward", target, z.shape[1], ignore_index)
-    y = torch.where(valid, target, 0)
-    grad = -g[:, None] * torch.exp(-z - stats.to(acc)[:, None])
-    grad = grad.scatter_add(1, y[:, None], g[:, None])
-    return torch.where(valid[:, None], grad, torch.zeros_like(grad)).to(logits.dtype)
+    _check_row_input("inverse_cross_entropy_reference_backward", "grad_loss", grad_loss, logits, ())
+    _check_row_input("inverse_cross_entropy_reference_backward", "stats", stats, logits, ())
+    z = logits.to(_accumulation_dtype(logits.dtype))
+    _check_target_range("inverse_cross_entropy_reference_backward", target, z.shape[1], ignore_index)
+    valid, is_y = _row_masks(target, ignore_index, z)
+    g = grad_loss.double()
+    lse_neg = stats.double()
+    # g (1 - r_y) from float64 values: r_y can be within rounding of 1
+    grad_y = (g * -torch.expm1(-_target_logit(z, target, ignore_index).double() - lse_neg)).to(z.dtype)
+    grad = torch.where(is_y, grad_y[:, None], -g.to(z.dtype)[:, None] * _exp_minus(-z, lse_neg))
+    return _zero_invalid(valid, grad).to(logits.dtype)
 
 
 _suppression_op = _ops.define_op("suppression_loss", _SUPPRESSION_SCHEMA, _suppression_reference)
@@ -196,7 +237,7 @@ _ice_reference_backward_op = _ops.define_op(
 
 def _fake_rows(logits: Tensor, stats_shape: tuple) -> tuple[Tensor, Tensor]:
     n = logits.shape[0]
-    stats = logits.new_empty((n, *stats_shape), dtype=_accumulation_dtype(logits.dtype))
+    stats = logits.new_empty((n, *stats_shape), dtype=torch.float64)
     return logits.new_empty((n,)), stats
 
 
@@ -229,27 +270,13 @@ def _(grad_loss, logits, target, stats, ignore_index):
 # on its own, so gradients of any order of the composition are right. ---
 
 
-def _row_masks(target: Tensor | None, ignore_index: int, z: Tensor) -> tuple[Tensor, Tensor]:
-    """(valid rows (N,), target-class mask (N, C); all False without a target)."""
-    n, c = z.shape
-    if target is None:
-        return torch.ones(n, dtype=torch.bool, device=z.device), torch.zeros(n, c, dtype=torch.bool, device=z.device)
-    valid = target != ignore_index
-    return valid, F.one_hot(torch.where(valid, target, 0), c).bool()
-
-
-def _zero_invalid(valid: Tensor, x: Tensor) -> Tensor:
-    return torch.where(valid.reshape(-1, *([1] * (x.dim() - 1))), x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
 def _suppression_stats_vjp(grad_stats: Tensor, logits: Tensor, target, ignore_index: int) -> Tensor:
     """d/dz of <grad_stats, (L, d)>: dL/dz = q (softmax over the non-target classes), dd/dz = e_y - q."""
-    acc = _accumulation_dtype(logits.dtype)
-    z = logits.to(acc)
+    z = logits.double()
     valid, is_y = _row_masks(target, ignore_index, z)
-    grad_l, grad_d = grad_stats.to(acc).unbind(1)
+    grad_l, grad_d = grad_stats.double().unbind(1)
     q = torch.softmax(z.masked_fill(is_y, float("-inf")), 1)
-    grad = (grad_l - grad_d)[:, None] * q + grad_d[:, None] * is_y.to(acc)
+    grad = (grad_l - grad_d)[:, None] * q + grad_d[:, None] * is_y.double()
     return _zero_invalid(valid, grad).to(logits.dtype)
 
 
@@ -286,11 +313,10 @@ def _suppression_second_backward(ctx, v):
     """
     grad_loss, logits, target, stats = ctx.saved_tensors
     ice_weight, klu_weight, ignore_index = ctx.constants
-    acc = _accumulation_dtype(logits.dtype)
-    z, v, g = logits.to(acc), v.to(acc), grad_loss.to(acc)
+    z, v, g = logits.double(), v.double(), grad_loss.double()
     c = z.shape[1]
     valid, is_y = _row_masks(target, ignore_index, z)
-    lse_rest, d = stats.to(acc).unbind(1)
+    lse_rest, d = stats.double().unbind(1)
     p_y, rest = torch.sigmoid(d), torch.sigmoid(-d)
     a = klu_weight * rest - ice_weight * p_y
     # masking z (not E) keeps E_y = 0 without inf * 0 in higher derivatives
@@ -298,7 +324,7 @@ def _suppression_second_backward(ctx, v):
     g_y = ice_weight * p_y + klu_weight * (p_y - 1.0 / c)
     u = torch.where(is_y, g_y[:, None], a[:, None] * e - klu_weight / c)
     v_e = (v * e).sum(1)
-    v_y = (v * is_y.to(acc)).sum(1)
+    v_y = (v * is_y.double()).sum(1)
     grad_g = (v * u).sum(1)
     grad_z = (g * a)[:, None] * v * e
     grad_l = -grad_z.sum(1)
@@ -327,9 +353,8 @@ def _ice_reference_backward(ctx, grad_loss, grad_stats, backward_op=_ice_referen
     if grad_loss is not None:
         grad = backward_op(grad_loss, logits, target, stats, ctx.ignore_index)
     if grad_stats is not None:  # stats = logsumexp(-z): d/dz = -softmax(-z)
-        acc = _accumulation_dtype(logits.dtype)
         valid, _ = _row_masks(target, ctx.ignore_index, logits)
-        extra = _zero_invalid(valid, -grad_stats.to(acc)[:, None] * torch.softmax(-logits.to(acc), 1)).to(logits.dtype)
+        extra = _zero_invalid(valid, -grad_stats.double()[:, None] * torch.softmax(-logits.double(), 1)).to(logits.dtype)
         grad = extra if grad is None else grad + extra
     return grad, None, None
 
@@ -343,11 +368,10 @@ def _ice_reference_second_setup(ctx, inputs, output):
 def _ice_reference_second_backward(ctx, v):
     """Partial derivatives of G = g (e_y - R), R_j = exp(-z_j - S), S the stats."""
     grad_loss, logits, target, stats = ctx.saved_tensors
-    acc = _accumulation_dtype(logits.dtype)
-    z, v, g = logits.to(acc), v.to(acc), grad_loss.to(acc)
+    z, v, g = logits.double(), v.double(), grad_loss.double()
     valid, is_y = _row_masks(target, ctx.ignore_index, z)
-    r = torch.exp(-z - stats.to(acc)[:, None])
-    grad_g = (v * (is_y.to(acc) - r)).sum(1)
+    r = torch.exp(-z - stats.double()[:, None])
+    grad_g = (v * (is_y.double() - r)).sum(1)
     grad_z = g[:, None] * v * r
     return (
         _zero_invalid(valid, grad_g).to(grad_loss.dtype),
@@ -373,10 +397,11 @@ torch.library.register_autograd(
 
 
 # torch.func.grad does not accept the autograd.Function that register_autograd
-# generates (it lacks setup_context), so the public losses call the ops
-# through these Functions: the same setup/backward, plus a vmap rule generated
-# from the ops' own (register_vmap below). Direct torch.ops calls use the
-# registrations above.
+# generates (it lacks setup_context), so under torch.func transforms the
+# public losses call the ops through these Functions: the same setup/backward,
+# plus a vmap rule generated from the ops' own (register_vmap below).
+# Otherwise they call the ops directly (less Python overhead; the form
+# torch.compile handles best).
 
 
 class _SuppressionLossBackward(torch.autograd.Function):
@@ -427,6 +452,18 @@ class _IceReference(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_stats):
         return _ice_reference_backward(ctx, grad_loss, grad_stats, _IceReferenceBackward.apply)
+
+
+def _suppression_rows(rows, target, ice_weight, klu_weight, ignore_index):
+    if torch._C._are_functorch_transforms_active():
+        return _SuppressionLoss.apply(rows, target, ice_weight, klu_weight, ignore_index)[0]
+    return _suppression_op(rows, target, ice_weight, klu_weight, ignore_index)[0]
+
+
+def _ice_reference_rows(rows, target, ignore_index):
+    if torch._C._are_functorch_transforms_active():
+        return _IceReference.apply(rows, target, ignore_index)[0]
+    return _ice_reference_op(rows, target, ignore_index)[0]
 
 
 # --- vmap: every tensor argument is indexed by row, so a batch of problems is
@@ -504,8 +541,10 @@ def _check_weight(logits: Tensor, weight) -> None:
 
 
 def _check_loss_weight(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise TypeError(f"{name}: must be a finite real number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name}: must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: must be finite, got {value!r}")
     return float(value)
 
 
@@ -521,7 +560,7 @@ def _as_rows(logits: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor | No
 def _reduce(values: Tensor, logits: Tensor, target: Tensor | None, weight: Tensor | None, ignore_index: int, reduction: str) -> Tensor:
     """Apply class weights and the reduction to per-row losses (0 on ignored rows)."""
     if target is None:
-        count = torch.tensor(values.numel(), dtype=values.dtype, device=values.device)
+        count = values.new_tensor(values.numel())
     else:
         valid = target != ignore_index
         if weight is None:
@@ -575,7 +614,7 @@ def suppression_loss(
     ice_weight = _check_loss_weight("ice_weight", ice_weight)
     klu_weight = _check_loss_weight("klu_weight", klu_weight)
     rows, row_target = _as_rows(logits, target)
-    values, _ = _SuppressionLoss.apply(rows, row_target, ice_weight, klu_weight, int(ignore_index))
+    values = _suppression_rows(rows, row_target, ice_weight, klu_weight, int(ignore_index))
     return _reduce(values, logits, row_target, weight, ignore_index, reduction)
 
 
@@ -611,7 +650,7 @@ def kl_uniform(
     """
     target = _prepare(logits, target, weight, reduction, target_required=False)
     rows, row_target = _as_rows(logits, target)
-    values, _ = _SuppressionLoss.apply(rows, row_target, 0.0, 1.0, int(ignore_index))
+    values = _suppression_rows(rows, row_target, 0.0, 1.0, int(ignore_index))
     return _reduce(values, logits, row_target, weight, ignore_index, reduction)
 
 
@@ -633,7 +672,7 @@ def inverse_cross_entropy_reference(
     """
     target = _prepare(logits, target, weight, reduction)
     rows, row_target = _as_rows(logits, target)
-    values, _ = _IceReference.apply(rows, row_target, int(ignore_index))
+    values = _ice_reference_rows(rows, row_target, int(ignore_index))
     return _reduce(values, logits, row_target, weight, ignore_index, reduction)
 
 

@@ -16,7 +16,7 @@ import math
 import os
 import platform
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -129,17 +129,25 @@ def build_report(task, config: dict, attacks: list[dict], original_domain: dict 
 
 # ---------------------------------------------------------------- files
 
+def _temporary_name(path: Path) -> Path:
+    # unique per process and call, so shards writing the same file never share a temporary
+    return path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never a half-written file)."""
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never a half-written file).
+
+    The file gets the usual permissions (umask), unlike ``tempfile.mkstemp``'s 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _temporary_name(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        with open(tmp, "x", encoding="utf-8", newline="") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -216,9 +224,26 @@ def summary_markdown(report: dict) -> str:
     lines += ["", "Overhead ratio: epochs the protected model needs to reach scratch's final "
               f"{metric}, over the epochs scratch needs (\"never\": not within the budget). AUC ratio: area under "
               "the protected curve over scratch's. Max gap: largest lead of protected over scratch at any epoch.", ""]
+    lines += _inspection_markdown(report)
     if report.get("command"):
         lines += ["Produced by:", "", "```", report["command"], "```", ""]
     return "\n".join(lines)
+
+
+def _inspection_markdown(report: dict) -> list[str]:
+    """A table of what the task's ``inspect_model`` recorded on each fine-tuned model
+    (generation: distances of samples to real restricted images, the sample grid); empty if nothing."""
+    rows = [(i, start, a["curves"][start]["inspection"]) for i, a in enumerate(report["attacks"])
+            for start in _starts(report) if isinstance(a["curves"].get(start, {}).get("inspection"), dict)]
+    if not rows:
+        return []
+    keys = sorted({k for _, _, found in rows for k in found})
+    lines = ["## After fine-tuning: the task's inspection of each model", "",
+             "| id | start | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for i, start, found in rows:
+        cells = [_fmt(found[k]) if isinstance(found.get(k), float) else str(found.get(k, "")) for k in keys]
+        lines.append(f"| A{i} | {start} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot_curves(report: dict, path: str | Path, columns: int = 6) -> None:
@@ -250,8 +275,13 @@ def _grid_axes(attacks: list[dict]) -> tuple[list[str], list[str]]:
     varying = [c for c in _SPEC_COLUMNS if c != "method" and len({json.dumps(a.get(c)) for a in attacks}) > 1]
     rows = list(dict.fromkeys(a["method"] for a in attacks))
 
+    def label(c, value):
+        if c in ("optimizer", "schedule"):
+            return str(value)  # the value names itself
+        return f"{c}={value:g}" if isinstance(value, float) else f"{c}={value}"
+
     def column(a):
-        return " ".join(f"{c}={a[c]:g}" if isinstance(a[c], float) else f"{c}={a[c]}" for c in varying) or "all"
+        return " ".join(label(c, a[c]) for c in varying) or "all"
 
     return rows, [column(a) for a in attacks]
 
@@ -314,10 +344,13 @@ def _pyplot():
 def _save(fig, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    _pyplot().close(fig)
-    os.replace(tmp, path)
+    tmp = _temporary_name(path)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        _pyplot().close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def write_outputs(report: dict, out_dir: str | Path, plots: bool = True) -> dict[str, Path]:

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._simulate_batches import check_data, draw_batches, stacked_batch
+from ._simulate_batches import apply_transform, check_data, draw_batches, stacked_batch
 from ._simulate_memory import activation_bytes_per_sample, auto_chunk_size, is_out_of_memory, trajectory_bytes
 from ._simulate_paths import Chunk, UpdateGroup, run_chunk
 from .optim.functional import get_functional_optimizer, validate_hparams
@@ -30,7 +30,8 @@ class SimulationResult:
     name -> mean over trajectories and steps of the query-loss gradient with
     respect to the ORIGINAL parameter. ``path``: what ran ("vmap", "chunked",
     "loop", or several joined by "+" when groups differed). ``params``:
-    adapted parameters, name -> (N, ...), when ``return_params=True``."""
+    adapted parameters, name -> (N, ...), when ``return_params=True``.
+    ``chunk_size``: the most trajectories that ran together."""
 
     query_losses: Tensor
     meta_grad: dict[str, Tensor]
@@ -168,16 +169,14 @@ def _update_key(plan: _Plan) -> tuple:
 def _transformed_signature(transform, inputs) -> tuple | None:
     if transform is None:
         return None
-    from ._simulate_batches import apply_transform
-
-    out = apply_transform(transform, tuple(t[:1] for t in inputs))
+    out = apply_transform(transform, tuple(t[:1] for t in inputs))  # one sample probes the output shapes
     return tuple((tuple(t.shape[1:]), t.dtype) for t in out)
 
 
 def simulate(model: nn.Module, strategies: Sequence[FineTuneStrategy], data, adaptation_loss: Callable,
              suppression_loss: Callable, *, query_size: int, order: str = "first", path: str = "auto",
              chunk_size: int | None = None, head: str | None = None, generator: torch.Generator | None = None,
-             return_params: bool = False) -> SimulationResult:
+             return_params: bool = False, batch_seeds: Sequence[int] | None = None) -> SimulationResult:
     """Simulate N fine-tuning trajectories of K steps from ``model``'s parameters, batched.
 
     ``data = (model_inputs, targets)``: the restricted-domain pool (inputs a
@@ -188,6 +187,10 @@ def simulate(model: nn.Module, strategies: Sequence[FineTuneStrategy], data, ada
     ``suppression_loss`` on the query samples at the new point. Losses are
     ``loss(output, targets, weight=None)`` (weighted means), which lets
     trajectories with different batch sizes run over one padded batch.
+
+    ``batch_seeds``: one batch seed per strategy instead of drawing them from
+    ``generator`` (:func:`sophon_ext.distributed.simulate_sharded` passes each
+    rank the seeds its trajectories would get in one process).
 
     ``order="first"``: the meta-gradient is the mean over (i, k) of the
     query-loss gradient at each adapted point, carried back to the original
@@ -202,9 +205,16 @@ def simulate(model: nn.Module, strategies: Sequence[FineTuneStrategy], data, ada
     ``path``: "vmap" (one vmapped call per step), "chunked" (vmap over
     ``chunk_size`` trajectories at a time), "loop" (trajectory by trajectory
     forward/backward with the ordinary kernels, one batched optimizer update),
-    "auto" (times vmap and loop on the first steps and keeps the faster, cached
-    per model signature and device). Trajectories with different optimizer
-    bases or static hyperparameters run in separate groups.
+    "auto" (times vmap, loop and loop with channels-last image inputs on the
+    first steps and keeps the fastest, cached per model signature, shapes and
+    device; falls back to loop if the losses cannot run under vmap). All
+    trajectories share the forward/backward passes; optimizers with
+    different bases or static hyperparameters update in separate groups.
+    BatchNorm models run different batch sizes in separate groups (padding
+    would change the batch statistics); the others pad to the largest batch.
+    With ``chunk_size=None``, "auto", "chunked" and second-order runs size
+    chunks from a measured activation footprint and the free memory; any
+    path halves a chunk that runs out of memory and retries it.
 
     BatchNorm layers use batch statistics; the model's buffers, parameters
     and train/eval flags are unchanged on return.
@@ -215,7 +225,7 @@ def simulate(model: nn.Module, strategies: Sequence[FineTuneStrategy], data, ada
     theta = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
     device = next(iter(theta.values())).device
     plans = [_plan(model, i, s, head) for i, s in enumerate(strategies)]
-    batches = draw_batches(targets.shape[0], [s.batch_size for s in strategies], query_size, steps, generator)
+    batches = draw_batches(targets.shape[0], [s.batch_size for s in strategies], query_size, steps, generator, batch_seeds)
     has_bn = _has_batch_norm(model)
     groups: dict[tuple, list[_Plan]] = {}
     for plan in plans:
@@ -228,7 +238,7 @@ def simulate(model: nn.Module, strategies: Sequence[FineTuneStrategy], data, ada
     losses = torch.zeros(n_total, steps, dtype=next(iter(theta.values())).dtype, device=device)
     meta = {n: torch.zeros_like(p) for n, p in theta.items()}
     adapted = {n: torch.zeros((n_total, *p.shape), dtype=p.dtype, device=device) for n, p in theta.items()} if return_params else None
-    paths_used = []
+    paths_used, largest_chunk = [], 0
     with batch_statistics(model, decompose=order == "second"):
         for members in groups.values():
             size = chunk_size
@@ -246,6 +256,7 @@ def simulate(model: nn.Module, strategies: Sequence[FineTuneStrategy], data, ada
                         raise
                     queue[:0] = [part[: len(part) // 2], part[len(part) // 2 :]]
                     continue
+                largest_chunk = max(largest_chunk, len(part))
                 chunked = path == "chunked" or len(part) < len(members)
                 paths_used.append("chunked" if chunked and used == "vmap" else used)
     scale = 1.0 / (n_total * steps)
@@ -254,7 +265,7 @@ def simulate(model: nn.Module, strategies: Sequence[FineTuneStrategy], data, ada
         meta_grad={n: g * scale for n, g in meta.items()},
         path="+".join(dict.fromkeys(paths_used)),
         params=adapted,
-        chunk_size=chunk_size,
+        chunk_size=largest_chunk,
     )
 
 

@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .optim.presets import PRESETS
+from .optim.functional import validate_hparams
+from .optim.presets import PRESETS, resolve_preset
 from .surgery import METHODS
 
 #: ``method`` values: the built-in surgery methods, plus "custom" (user surgery).
@@ -78,9 +79,8 @@ class FineTuneStrategy:
             raise TypeError(f"hparams: expected a dict, got {type(self.hparams).__name__}")
         if "lr" in self.hparams:
             raise ValueError("hparams: set the learning rate with the lr field, not hparams['lr']")
-        for key, value in self.hparams.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
-                raise ValueError(f"hparams[{key!r}]: must be finite, got {value}")
+        # names and ranges as torch.optim checks them (hp['beta1']: must be in [0, 1) ...)
+        validate_hparams(*resolve_preset(self.optimizer, {**self.hparams, "lr": float(self.lr)}))
         if self.method in _LAYER_METHODS and self.layers is None:
             raise ValueError(f"layers: method {self.method!r} needs layers (a count of first layers or module names)")
         if self.method == "custom" and not callable(self.surgery):

@@ -158,10 +158,11 @@ def run_protect(config: Config, model: nn.Module, spec: dict | None, out: str | 
                     head=config.model.head, progress=progress)
     if resume:
         engine.resume()
-    elif engine.log_path.exists():
+    elif engine.comm.is_main and engine.log_path.exists():
         engine.log_path.unlink()  # a fresh run starts a fresh log
     result = engine.run()
-    ckpt.save_model(out / PROTECTED_FILE, protected, spec, {"protection": _result_summary(result)})
+    if engine.comm.is_main:  # under torchrun every rank holds the same model; rank 0 writes it
+        ckpt.save_model(out / PROTECTED_FILE, protected, spec, {"protection": _result_summary(result)})
     return ProtectOutcome(protected, result, time.perf_counter() - started)
 
 

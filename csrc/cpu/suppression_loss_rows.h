@@ -116,25 +116,29 @@ inline T lse_shift(T m) {
   return std::isinf(m) ? T(0) : m;
 }
 
+// The last n < W elements of x as a vector, the missing lanes set to fill.
+template <typename T>
+Vectorized<T> load_tail(const T* x, int64_t n, T fill) {
+  return Vectorized<T>::set(Vectorized<T>(fill), Vectorized<T>::loadu(x, n), n);
+}
+
 // max_j s*x_j over x[0, n), s = -1 when Negate; -inf for n == 0.
 template <bool Negate, typename T>
 T row_max(const T* x, int64_t n) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  T m = -std::numeric_limits<T>::infinity();
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  Vec acc(-inf);
   int64_t j = 0;
-  if (n >= W) {
-    Vec acc(m);
-    for (; j + W <= n; j += W) {
-      Vec v = Vec::loadu(x + j);
-      acc = at::vec::maximum(acc, Negate ? v.neg() : v);
-    }
-    m = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
+  for (; j + W <= n; j += W) {
+    Vec v = Vec::loadu(x + j);
+    acc = at::vec::maximum(acc, Negate ? v.neg() : v);
   }
-  for (; j < n; ++j) {
-    m = nan_max(m, Negate ? -x[j] : x[j]);
+  if (j < n) {
+    Vec v = load_tail(x + j, n - j, Negate ? inf : -inf);
+    acc = at::vec::maximum(acc, Negate ? v.neg() : v);
   }
-  return m;
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
 }
 
 // (sum_j exp(s*x_j - shift), sum_j x_j) over x[0, n), s = -1 when Negate.
@@ -142,6 +146,7 @@ template <bool Negate, typename T>
 std::pair<T, T> row_sum_exp(const T* x, int64_t n, T shift) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
+  constexpr T inf = std::numeric_limits<T>::infinity();
   const Vec vshift(shift);
   Vec sum_e0(T(0)), sum_e1(T(0)), sum_x(T(0));
   int64_t j = 0;
@@ -151,20 +156,15 @@ std::pair<T, T> row_sum_exp(const T* x, int64_t n, T shift) {
     sum_e0 += ((Negate ? a.neg() : a) - vshift).exp();
     sum_e1 += ((Negate ? b.neg() : b) - vshift).exp();
   }
-  for (; j + W <= n; j += W) {
-    Vec a = Vec::loadu(x + j);
-    sum_x += a;
+  for (; j < n; j += W) {  // last full vector and the tail; padded lanes add exp(-inf) = 0
+    const int64_t m = std::min<int64_t>(W, n - j);
+    sum_x += Vec::loadu(x + j, m);  // zero-filled lanes
+    Vec a = load_tail(x + j, m, Negate ? inf : -inf);
     sum_e0 += ((Negate ? a.neg() : a) - vshift).exp();
   }
   auto add = [](Vec& a, Vec& b) { return a + b; };
   sum_e0 += sum_e1;
-  T se = at::vec::vec_reduce_all<T>(add, sum_e0);
-  T sx = at::vec::vec_reduce_all<T>(add, sum_x);
-  for (; j < n; ++j) {
-    sx += x[j];
-    se += std::exp((Negate ? -x[j] : x[j]) - shift);
-  }
-  return {se, sx};
+  return {at::vec::vec_reduce_all<T>(add, sum_e0), at::vec::vec_reduce_all<T>(add, sum_x)};
 }
 
 // out_j = a * exp(s*x_j - shift) + b over [0, n), s = -1 when Negate.
@@ -173,13 +173,15 @@ void row_affine_exp(const T* x, T* out, int64_t n, T shift, T a, T b) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec vshift(shift), va(a), vb(b);
-  int64_t j = 0;
-  for (; j + W <= n; j += W) {
-    Vec v = Vec::loadu(x + j);
-    at::vec::fmadd(((Negate ? v.neg() : v) - vshift).exp(), va, vb).store(out + j);
-  }
-  for (; j < n; ++j) {
-    out[j] = a * std::exp((Negate ? -x[j] : x[j]) - shift) + b;
+  for (int64_t j = 0; j < n; j += W) {
+    const int64_t m = std::min<int64_t>(W, n - j);
+    Vec v = m == W ? Vec::loadu(x + j) : Vec::loadu(x + j, m);
+    Vec r = at::vec::fmadd(((Negate ? v.neg() : v) - vshift).exp(), va, vb);
+    if (m == W) {
+      r.store(out + j);
+    } else {
+      r.store(out + j, m);
+    }
   }
 }
 

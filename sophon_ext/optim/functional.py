@@ -220,7 +220,9 @@ class FunctionalOptimizer:
         for name, p in params.items():
             g = grads[name]
             if g.shape != p.shape:
-                raise ValueError(f"grads[{name!r}]: shape {tuple(g.shape)} does not match the parameter's {tuple(p.shape)}")
+                raise ValueError(
+                    f"grads[{name!r}]: shape {tuple(g.shape)} does not match the parameter's {tuple(p.shape)}"
+                )
             buffers = {b: state[b + _SEPARATOR + name] for b in self.buffers}
             local = {k: _like(v, p) for k, v in merged.items()}
             new_params[name], new_buffers = self.update(
@@ -278,7 +280,10 @@ _OPTIMIZERS: dict[str, FunctionalOptimizer] = {
             _adagrad,
         ),
         FunctionalOptimizer(
-            "adadelta", {"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0}, ("square_avg", "acc_delta"), _adadelta
+            "adadelta",
+            {"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0},
+            ("square_avg", "acc_delta"),
+            _adadelta,
         ),
         FunctionalOptimizer(
             "lion", {"lr": 1e-4, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0}, ("exp_avg",), _lion

@@ -16,6 +16,7 @@ through :mod:`sophon_ext.optim.functional` instead.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -61,7 +62,9 @@ def _check_arguments(params, grads, state1, state2, step, hps: dict, kind: str, 
     if params.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{_PREFIX}params must be float32 or float64, got {params.dtype}")
     if params.dim() != 2:
-        raise ValueError(f"{_PREFIX}params must be 2-D (trajectories, flattened parameters), got shape {list(params.shape)}")
+        raise ValueError(
+            f"{_PREFIX}params must be 2-D (trajectories, flattened parameters), got shape {list(params.shape)}"
+        )
     if not params.is_contiguous():
         raise ValueError(f"{_PREFIX}params must be contiguous (it is updated in place)")
     _check_like_params(grads, "grads", params, written=False)
@@ -83,7 +86,10 @@ def _check_arguments(params, grads, state1, state2, step, hps: dict, kind: str, 
     if kind == "sgd":
         checks += [("momentum", h["momentum"] >= 0, ">= 0"), ("dampening", torch.isfinite(h["dampening"]), "finite")]
         if nesterov:
-            checks += [("momentum", h["momentum"] > 0, "> 0 with nesterov"), ("dampening", h["dampening"] == 0, "0 with nesterov")]
+            checks += [
+                ("momentum", h["momentum"] > 0, "> 0 with nesterov"),
+                ("dampening", h["dampening"] == 0, "0 with nesterov"),
+            ]
         if not with_buffers:
             checks.append(("momentum", h["momentum"] == 0, "0 when state1 (momentum buffers) is empty"))
     else:
@@ -101,11 +107,14 @@ def _check_arguments(params, grads, state1, state2, step, hps: dict, kind: str, 
         if not bool(ok.all()):
             row = int((~ok).nonzero()[0, 0])
             raise ValueError(
-                f"{_PREFIX}{name} must be {accepted} for every trajectory, got {h[name][row].item()} at trajectory {row}"
+                f"{_PREFIX}{name} must be {accepted} for every trajectory, "
+                f"got {h[name][row].item()} at trajectory {row}"
             )
 
 
-def _reference(params, grads, state1, state2, step, lr, momentum, dampening, beta1, beta2, weight_decay, eps, kind, nesterov):
+def _reference(
+    params, grads, state1, state2, step, lr, momentum, dampening, beta1, beta2, weight_decay, eps, kind, nesterov
+):
     """Pure-PyTorch fallback: the functional optimizer applied to all N rows at once
     (per-trajectory hyperparameters and step counters broadcast as (N, 1) columns)."""
     hps = dict(zip(_HP_ARGS, (lr, momentum, dampening, beta1, beta2, weight_decay, eps)))
@@ -131,8 +140,30 @@ def _reference(params, grads, state1, state2, step, lr, momentum, dampening, bet
 multi_step_update_op = define_op("multi_step_update_", _SCHEMA, _reference)
 
 
+# The update is not differentiable: refuse tensors that require grad instead of
+# silently returning values without a graph. Below autograd, the CPU/CUDA
+# kernels (or the reference) answer.
+_autograd_library = torch.library.Library("sophon_ext", "FRAGMENT")
+
+
+def _refuse_grad(*args):
+    if torch.is_grad_enabled():
+        for name, value in zip(("params", "grads", "state1", "state2", "step", *_HP_ARGS), args):
+            if isinstance(value, Tensor) and value.requires_grad:
+                raise ValueError(
+                    f"{_PREFIX}{name} requires grad, but the fused update is not differentiable; "
+                    "differentiate through sophon_ext.optim.functional instead, or pass detached tensors"
+                )
+    with torch._C._AutoDispatchBelowAutograd():
+        return multi_step_update_op(*args)
+
+
+_autograd_library.impl("multi_step_update_", _refuse_grad, "Autograd")
+
+
 @torch.library.register_fake("sophon_ext::multi_step_update_")
-def _fake(params, grads, state1, state2, step, lr, momentum, dampening, beta1, beta2, weight_decay, eps, kind, nesterov):
+def _fake(*args):
+    # shapes are unchanged and nothing is returned: the op only mutates its inputs
     return None
 
 
@@ -192,7 +223,8 @@ def _per_trajectory(base: str, hparams, n: int) -> dict[str, HyperParam]:
             value = torch.as_tensor(value, dtype=torch.float64).detach()
             if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != n):
                 raise ValueError(
-                    f"hparams[{name!r}]: expected a number or {n} values (one per trajectory), got shape {list(value.shape)}"
+                    f"hparams[{name!r}]: expected a number or {n} values (one per trajectory), "
+                    f"got shape {list(value.shape)}"
                 )
         out[name] = value
     return out
@@ -259,6 +291,8 @@ class FusedMultiTrajectoryOptimizer:
         opt = cls(stacked, optimizer, hparams)
         for i, d in enumerate(named):
             for k, p in d.items():
+                if p.grad is not None:  # keep gradients already computed
+                    opt.grads[k][i].copy_(p.grad)
                 p.data = opt.params[k][i]
                 p.grad = opt.grads[k][i]
                 opt._bound.append((p, opt.params[k][i], opt.grads[k][i]))
@@ -267,9 +301,7 @@ class FusedMultiTrajectoryOptimizer:
     def _views(self, flat: Tensor) -> dict[str, Tensor]:
         views, offset = {}, 0
         for name, shape in self._shapes.items():
-            size = 1
-            for s in shape:
-                size *= s
+            size = math.prod(shape)
             views[name] = flat[:, offset : offset + size].view(self.num_trajectories, *shape)
             offset += size
         return views

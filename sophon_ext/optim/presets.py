@@ -43,9 +43,12 @@ def make_torch_optimizer(name: str, params, lr: float, hparams: dict | None = No
     """A torch.optim optimizer for a preset (Lion comes from sophon_ext.optim)."""
     if not lr > 0:
         raise ValueError(f"lr: must be > 0, got {lr}")
+    from .functional import torch_optimizer_kwargs  # validates names, spells beta1/beta2 as betas
+
     base, hp = resolve_preset(name, hparams)
+    kwargs = torch_optimizer_kwargs(base, hp)
     if base == "lion":
         from . import Lion  # the package's own torch.optim-style class
 
-        return Lion(params, lr=lr, **hp)
-    return BASE_OPTIMIZERS[base](params, lr=lr, **hp)
+        return Lion(params, lr=lr, **kwargs)
+    return BASE_OPTIMIZERS[base](params, lr=lr, **kwargs)

@@ -1,0 +1,412 @@
+// CUDA kernels of the suppression losses (same ops and maths as
+// csrc/cpu/suppression_loss.cpp; derivation in csrc/cpu/suppression_loss_rows.h).
+// One warp per row: each lane streams a strided slice of the row once,
+// keeping an online (max, sum of exp) pair, then the warp merges the pairs.
+// Row stats are float64, as on the CPU.
+#include "suppression_loss.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+
+namespace sophon_ext::cuda {
+namespace {
+
+using at::Tensor;
+
+constexpr int kWarpSize = 32;
+constexpr int kWarpsPerBlock = 8;
+
+// Online logsumexp of one lane's (or the warp's) values. Non-finite values
+// are only flagged, so +inf gives +inf, NaN gives NaN and all -inf gives -inf
+// (as torch.logsumexp and the CPU kernels).
+template <typename T>
+struct OnlineLse {
+  T max = -std::numeric_limits<T>::infinity();
+  T sum = T(0);
+  bool nan = false;
+  bool pos_inf = false;
+
+  __device__ void push(T x) {
+    if (isnan(x)) {
+      nan = true;
+    } else if (isinf(x)) {
+      pos_inf |= x > T(0);
+    } else if (x > max) {
+      sum = sum * exp(max - x) + T(1);
+      max = x;
+    } else {
+      sum += exp(x - max);
+    }
+  }
+
+  __device__ void merge(const OnlineLse& o) {
+    if (o.max > max) {
+      sum = sum * exp(max - o.max) + o.sum;
+      max = o.max;
+    } else if (o.max > -std::numeric_limits<T>::infinity()) {
+      sum += o.sum * exp(o.max - max);
+    }
+    nan |= o.nan;
+    pos_inf |= o.pos_inf;
+  }
+
+  __device__ void warp_merge() {
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+      OnlineLse other;
+      other.max = __shfl_xor_sync(0xffffffffu, max, offset);
+      other.sum = __shfl_xor_sync(0xffffffffu, sum, offset);
+      other.nan = __shfl_xor_sync(0xffffffffu, static_cast<int>(nan), offset) != 0;
+      other.pos_inf = __shfl_xor_sync(0xffffffffu, static_cast<int>(pos_inf), offset) != 0;
+      merge(other);
+    }
+  }
+
+  __device__ double value() const {
+    if (nan) {
+      return std::numeric_limits<double>::quiet_NaN();
+    }
+    if (pos_inf) {
+      return std::numeric_limits<double>::infinity();
+    }
+    if (max == -std::numeric_limits<T>::infinity()) {
+      return -std::numeric_limits<double>::infinity();
+    }
+    return static_cast<double>(max) + ::log(static_cast<double>(sum));
+  }
+};
+
+template <typename T>
+__device__ T warp_sum(T x) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    x += __shfl_xor_sync(0xffffffffu, x, offset);
+  }
+  return x;
+}
+
+__device__ inline double softplus(double d) {
+  return d > 0.0 ? d + ::log1p(::exp(-d)) : ::log1p(::exp(d));
+}
+
+__device__ inline double sigmoid(double d) {
+  if (d >= 0.0) {
+    return 1.0 / (1.0 + ::exp(-d));
+  }
+  const double e = ::exp(d);
+  return e / (1.0 + e);
+}
+
+// exp(x - L) = exp(x - hi) * scale for a float64 L (see SplitShift on the CPU).
+template <typename T>
+struct SplitShift {
+  T hi;
+  double scale;
+  __device__ explicit SplitShift(double L)
+      : hi(static_cast<T>(L)), scale(isfinite(L) ? ::exp(static_cast<double>(hi) - L) : 1.0) {}
+};
+
+struct RowState {
+  int64_t row;
+  int64_t y;     // target class, -1 without target
+  bool skip;     // ignored row: zeros
+  bool invalid;  // out-of-range target (the host checks first): NaN, no read
+};
+
+__device__ inline RowState row_state(const int64_t* target, int64_t row, int64_t C, int64_t ignore_index) {
+  RowState st{row, -1, false, false};
+  if (target != nullptr) {
+    st.y = target[row];
+    st.skip = st.y == ignore_index;
+    st.invalid = !st.skip && (st.y < 0 || st.y >= C);
+  }
+  return st;
+}
+
+// Loops warps over rows; the body is warp-uniform.
+#define SOPHON_FOR_EACH_ROW_OF_WARP(row, N)                                                                     \
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize; row < (N); \
+       row += static_cast<int64_t>(gridDim.x) * kWarpsPerBlock)
+
+template <typename scalar_t>
+__global__ void suppression_forward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
+                                           int64_t N, int64_t C, int64_t ignore_index, double ice_w, double klu_w,
+                                           scalar_t* __restrict__ loss, double* __restrict__ stats) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % kWarpSize;
+  SOPHON_FOR_EACH_ROW_OF_WARP(row, N) {
+    const RowState st = row_state(target, row, C, ignore_index);
+    if (st.skip || st.invalid) {
+      if (lane == 0) {
+        const double fill = st.skip ? 0.0 : std::numeric_limits<double>::quiet_NaN();
+        loss[row] = static_cast<scalar_t>(fill);
+        stats[2 * row] = stats[2 * row + 1] = fill;
+      }
+      continue;
+    }
+    const scalar_t* z = logits + row * C;
+    OnlineLse<acc_t> lse;
+    acc_t sum_z = acc_t(0);
+    for (int64_t j = lane; j < C; j += kWarpSize) {
+      const acc_t x = static_cast<acc_t>(z[j]);
+      sum_z += x;
+      if (j != st.y) {
+        lse.push(x);
+      }
+    }
+    lse.warp_merge();
+    sum_z = warp_sum(sum_z);
+    if (lane == 0) {
+      const double lse_rest = lse.value();
+      const double d = st.y >= 0 ? static_cast<double>(static_cast<acc_t>(z[st.y])) - lse_rest
+                                 : -std::numeric_limits<double>::infinity();
+      const double ice = softplus(d);
+      double value = 0.0;
+      if (ice_w != 0.0) {  // a zero weight must not turn inf into NaN
+        value += ice_w * ice;
+      }
+      if (klu_w != 0.0) {
+        value += klu_w * (lse_rest + ice - static_cast<double>(sum_z) / static_cast<double>(C) -
+                          ::log(static_cast<double>(C)));
+      }
+      loss[row] = static_cast<scalar_t>(value);
+      stats[2 * row] = lse_rest;
+      stats[2 * row + 1] = d;
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void suppression_backward_kernel(const scalar_t* __restrict__ grad_loss, const scalar_t* __restrict__ logits,
+                                            const int64_t* __restrict__ target, const double* __restrict__ stats,
+                                            int64_t N, int64_t C, int64_t ignore_index, double ice_w, double klu_w,
+                                            scalar_t* __restrict__ grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % kWarpSize;
+  SOPHON_FOR_EACH_ROW_OF_WARP(row, N) {
+    const RowState st = row_state(target, row, C, ignore_index);
+    scalar_t* out = grad + row * C;
+    if (st.skip || st.invalid) {
+      const scalar_t fill = static_cast<scalar_t>(st.skip ? 0.0 : std::numeric_limits<double>::quiet_NaN());
+      for (int64_t j = lane; j < C; j += kWarpSize) {
+        out[j] = fill;
+      }
+      continue;
+    }
+    const double g = static_cast<double>(static_cast<acc_t>(grad_loss[row]));
+    const double d = stats[2 * row + 1];
+    const double p_y = sigmoid(d), rest = sigmoid(-d), inv_c = 1.0 / static_cast<double>(C);
+    const SplitShift<acc_t> lse_rest(stats[2 * row]);
+    const acc_t coef = static_cast<acc_t>(g * (klu_w * rest - ice_w * p_y) * lse_rest.scale);
+    const acc_t shift = static_cast<acc_t>(-g * klu_w * inv_c);
+    const acc_t grad_y = static_cast<acc_t>(g * (ice_w * p_y + klu_w * (p_y - inv_c)));
+    const scalar_t* z = logits + row * C;
+    for (int64_t j = lane; j < C; j += kWarpSize) {
+      const acc_t value = j == st.y ? grad_y : coef * exp(static_cast<acc_t>(z[j]) - lse_rest.hi) + shift;
+      out[j] = static_cast<scalar_t>(value);
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void ice_reference_forward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
+                                             int64_t N, int64_t C, int64_t ignore_index, scalar_t* __restrict__ loss,
+                                             double* __restrict__ stats) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % kWarpSize;
+  SOPHON_FOR_EACH_ROW_OF_WARP(row, N) {
+    const RowState st = row_state(target, row, C, ignore_index);
+    if (st.skip || st.invalid) {
+      if (lane == 0) {
+        const double fill = st.skip ? 0.0 : std::numeric_limits<double>::quiet_NaN();
+        loss[row] = static_cast<scalar_t>(fill);
+        stats[row] = fill;
+      }
+      continue;
+    }
+    const scalar_t* z = logits + row * C;
+    OnlineLse<acc_t> lse;
+    for (int64_t j = lane; j < C; j += kWarpSize) {
+      lse.push(-static_cast<acc_t>(z[j]));
+    }
+    lse.warp_merge();
+    if (lane == 0) {
+      const double lse_neg = lse.value();
+      loss[row] = static_cast<scalar_t>(static_cast<double>(static_cast<acc_t>(z[st.y])) + lse_neg);
+      stats[row] = lse_neg;
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void ice_reference_backward_kernel(const scalar_t* __restrict__ grad_loss,
+                                              const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
+                                              const double* __restrict__ stats, int64_t N, int64_t C,
+                                              int64_t ignore_index, scalar_t* __restrict__ grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % kWarpSize;
+  SOPHON_FOR_EACH_ROW_OF_WARP(row, N) {
+    const RowState st = row_state(target, row, C, ignore_index);
+    scalar_t* out = grad + row * C;
+    if (st.skip || st.invalid) {
+      const scalar_t fill = static_cast<scalar_t>(st.skip ? 0.0 : std::numeric_limits<double>::quiet_NaN());
+      for (int64_t j = lane; j < C; j += kWarpSize) {
+        out[j] = fill;
+      }
+      continue;
+    }
+    const double g = static_cast<double>(static_cast<acc_t>(grad_loss[row]));
+    const SplitShift<acc_t> lse_neg(stats[row]);
+    const acc_t coef = static_cast<acc_t>(-g * lse_neg.scale);
+    const scalar_t* z = logits + row * C;
+    for (int64_t j = lane; j < C; j += kWarpSize) {
+      const acc_t x = static_cast<acc_t>(z[j]);
+      // g (1 - r_y) from float64 values: r_y can be within rounding of 1
+      const acc_t value = j == st.y ? static_cast<acc_t>(g * -::expm1(-static_cast<double>(x) - stats[row]))
+                                    : coef * exp(-x - lse_neg.hi);
+      out[j] = static_cast<scalar_t>(value);
+    }
+  }
+}
+
+#undef SOPHON_FOR_EACH_ROW_OF_WARP
+
+// ---------------------------------------------------------------------------- host side
+
+dim3 grid_for_rows(int64_t rows) {
+  const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  return dim3(static_cast<unsigned>(std::min<int64_t>(blocks, 65535)));
+}
+
+constexpr unsigned kThreads = kWarpSize * kWarpsPerBlock;
+
+// Contiguous int64 target, checked (values too: one device sync); undefined when absent.
+Tensor checked_target(const char* op, const std::optional<Tensor>& target, const Tensor& logits, int64_t ignore_index) {
+  if (!target.has_value()) {
+    return Tensor();
+  }
+  check_loss_target(op, *target, logits);
+  const Tensor t = target->contiguous();
+  const int64_t C = logits.size(1);
+  if (t.numel() > 0) {
+    const bool out_of_range = t.ne(ignore_index).logical_and(t.lt(0).logical_or(t.ge(C))).any().item<bool>();
+    TORCH_CHECK_INDEX(!out_of_range, op, ": target values must lie in [0, ", C, ") or equal ignore_index (",
+                      ignore_index, ")");
+  }
+  return t;
+}
+
+std::tuple<Tensor, Tensor> suppression_loss_cuda(const Tensor& logits_in, const std::optional<Tensor>& target_in,
+                                                 double ice_weight, double klu_weight, int64_t ignore_index) {
+  constexpr const char* op = "sophon_ext::suppression_loss";
+  check_loss_logits(op, logits_in);
+  TORCH_CHECK_VALUE(target_in.has_value() || ice_weight == 0.0, op, ": target is required when ice_weight != 0");
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const Tensor logits = logits_in.contiguous();
+  const Tensor target = checked_target(op, target_in, logits, ignore_index);
+  const int64_t N = logits.size(0), C = logits.size(1);
+  Tensor loss = at::empty({N}, logits.options());
+  Tensor stats = at::empty({N, 2}, logits.options().dtype(at::kDouble));
+  if (N == 0) {
+    return {loss, stats};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "suppression_loss_cuda", [&] {
+    suppression_forward_kernel<scalar_t><<<grid_for_rows(N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        logits.const_data_ptr<scalar_t>(), target.defined() ? target.const_data_ptr<int64_t>() : nullptr, N, C,
+        ignore_index, ice_weight, klu_weight, loss.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, stats};
+}
+
+Tensor suppression_loss_backward_cuda(const Tensor& grad_loss_in, const Tensor& logits_in,
+                                      const std::optional<Tensor>& target_in, const Tensor& stats_in,
+                                      double ice_weight, double klu_weight, int64_t ignore_index) {
+  constexpr const char* op = "sophon_ext::suppression_loss_backward";
+  check_loss_logits(op, logits_in);
+  TORCH_CHECK_VALUE(target_in.has_value() || ice_weight == 0.0, op, ": target is required when ice_weight != 0");
+  check_row_input(op, "grad_loss", grad_loss_in, logits_in, 0);
+  check_row_input(op, "stats", stats_in, logits_in, 2);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const Tensor logits = logits_in.contiguous();
+  const Tensor target = checked_target(op, target_in, logits, ignore_index);
+  const Tensor grad_loss = grad_loss_in.to(logits.scalar_type()).contiguous();
+  const Tensor stats = stats_in.to(at::kDouble).contiguous();
+  const int64_t N = logits.size(0), C = logits.size(1);
+  Tensor grad = at::empty({N, C}, logits.options());
+  if (N == 0) {
+    return grad;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "suppression_loss_backward_cuda", [&] {
+    suppression_backward_kernel<scalar_t><<<grid_for_rows(N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        grad_loss.const_data_ptr<scalar_t>(), logits.const_data_ptr<scalar_t>(),
+        target.defined() ? target.const_data_ptr<int64_t>() : nullptr, stats.const_data_ptr<double>(), N, C,
+        ignore_index, ice_weight, klu_weight, grad.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad;
+}
+
+std::tuple<Tensor, Tensor> ice_reference_cuda(const Tensor& logits_in, const Tensor& target_in, int64_t ignore_index) {
+  constexpr const char* op = "sophon_ext::inverse_cross_entropy_reference";
+  check_loss_logits(op, logits_in);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const Tensor logits = logits_in.contiguous();
+  const Tensor target = checked_target(op, target_in, logits, ignore_index);
+  const int64_t N = logits.size(0), C = logits.size(1);
+  Tensor loss = at::empty({N}, logits.options());
+  Tensor stats = at::empty({N}, logits.options().dtype(at::kDouble));
+  if (N == 0) {
+    return {loss, stats};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ice_reference_cuda", [&] {
+    ice_reference_forward_kernel<scalar_t><<<grid_for_rows(N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), N, C, ignore_index,
+        loss.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, stats};
+}
+
+Tensor ice_reference_backward_cuda(const Tensor& grad_loss_in, const Tensor& logits_in, const Tensor& target_in,
+                                   const Tensor& stats_in, int64_t ignore_index) {
+  constexpr const char* op = "sophon_ext::inverse_cross_entropy_reference_backward";
+  check_loss_logits(op, logits_in);
+  check_row_input(op, "grad_loss", grad_loss_in, logits_in, 0);
+  check_row_input(op, "stats", stats_in, logits_in, 0);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const Tensor logits = logits_in.contiguous();
+  const Tensor target = checked_target(op, target_in, logits, ignore_index);
+  const Tensor grad_loss = grad_loss_in.to(logits.scalar_type()).contiguous();
+  const Tensor stats = stats_in.to(at::kDouble).contiguous();
+  const int64_t N = logits.size(0), C = logits.size(1);
+  Tensor grad = at::empty({N, C}, logits.options());
+  if (N == 0) {
+    return grad;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ice_reference_backward_cuda", [&] {
+    ice_reference_backward_kernel<scalar_t><<<grid_for_rows(N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        grad_loss.const_data_ptr<scalar_t>(), logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(),
+        stats.const_data_ptr<double>(), N, C, ignore_index, grad.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sophon_ext, CUDA, m) {
+  m.impl("suppression_loss", &suppression_loss_cuda);
+  m.impl("suppression_loss_backward", &suppression_loss_backward_cuda);
+  m.impl("inverse_cross_entropy_reference", &ice_reference_cuda);
+  m.impl("inverse_cross_entropy_reference_backward", &ice_reference_backward_cuda);
+}
+
+}  // namespace sophon_ext::cuda
