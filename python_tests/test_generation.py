@@ -39,6 +39,7 @@ def test_make_task_builds_generation_task():
     task = make_task("generation", suppression="neg_mse", num_timesteps=50)
     assert isinstance(task, GenerationTask)
     assert task.metric_name == "denoising_loss" and task.higher_is_better is False and task.name == "generation"
+    assert task.has_head is False  # head-based attacks refuse a noise predictor
     with pytest.raises(ValueError, match="suppression:"):
         GenerationTask(suppression="ice")
     with pytest.raises(ValueError, match="eval_draws:"):

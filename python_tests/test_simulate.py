@@ -357,7 +357,7 @@ def test_auto_falls_back_to_the_loop_when_vmap_cannot_run_the_loss():
 
     _simulate_paths._PATH_CACHE.clear()
     model, data = tiny_cnn(norm="none", seed=4), pool()
-    strategies = [FineTuneStrategy("sgd", 0.05, 5, 4, seed=i) for i in range(2)]
+    strategies = [FineTuneStrategy("sgd", 0.05, 5, 6, seed=i) for i in range(2)]  # 6: room to time every candidate
     run = lambda path: simulate(model, strategies, data, cross_entropy, old_style_loss, query_size=4, path=path,  # noqa: E731
                                 generator=torch.Generator().manual_seed(0), return_params=True)
     with pytest.raises(RuntimeError, match="functorch"):

@@ -1,10 +1,12 @@
 """sophon_ext: SOPHON non-fine-tunable learning as a PyTorch extension."""
 
 from ._ops import extension_info
+# Importing these registers the ops' fake kernels, autograd and fallbacks.
+from . import functional, nn, optim  # noqa: E402  (isort: skip)
 
 __version__ = "0.1.0"
 
-__all__ = ["extension_info", "__version__"]
+__all__ = ["extension_info", "functional", "nn", "optim", "__version__"]
 
 from .simulate import SimulationResult, simulate  # noqa: E402
 from .strategies import FineTuneStrategy, StrategySampler  # noqa: E402

@@ -149,12 +149,15 @@ class StrategyConfig:
 
 
 def default_strategies() -> list[StrategyConfig]:
-    """The attack methods a protection must cover (measured: leaving any out leaves a hole)."""
+    """The attack methods a protection must cover (measured: leaving any out leaves a hole),
+    each optimizer at the attack's rate and at a higher one (a longer reach in K steps)."""
     return [
         StrategyConfig(optimizer="sgd_momentum", lr=1e-2, method="full"),
+        StrategyConfig(optimizer="sgd_momentum", lr=1e-1, method="full"),
         StrategyConfig(optimizer="adam", lr=1e-3, method="full"),
-        StrategyConfig(optimizer="adam", lr=1e-3, method="reinit_head"),
-        StrategyConfig(optimizer="adam", lr=1e-3, method="reinit_layers", layers=1),
+        StrategyConfig(optimizer="adam", lr=1e-2, method="full"),
+        StrategyConfig(optimizer="adam", lr=3e-3, method="reinit_head"),
+        StrategyConfig(optimizer="adam", lr=3e-3, method="reinit_layers", layers=1),
     ]
 
 
@@ -173,7 +176,7 @@ class GuardConfig:
     enabled: bool = True
     every: int = 10
     floor: Optional[float] = None
-    max_drop: Optional[float] = 0.03
+    max_drop: Optional[float] = 0.05
     drop_is_fraction: bool = False
     action: Literal["stop", "lower_lr"] = "lower_lr"
     lr_factor: float = 0.5
@@ -190,13 +193,13 @@ class GuardConfig:
 class ProtectConfig:
     """The SOPHON loop (SOPHON.md "Algorithm")."""
 
-    iterations: int = 300
+    iterations: int = 250
     #: fine-tuning-suppression steps per iteration
     fts_steps: int = 1
     #: normal-training-reinforcement steps per iteration
-    ntr_steps: int = 1
+    ntr_steps: int = 3
     #: simulated fine-tuning steps per trajectory (K)
-    inner_steps: int = 20
+    inner_steps: int = 10
     #: the simulated strategies; each FTS step runs all of them (or num_strategies drawn from them)
     strategies: list[StrategyConfig] = field(default_factory=default_strategies)
     #: 0 runs every listed strategy each FTS step; n > 0 draws n of them per step (with fresh seeds)
@@ -209,7 +212,7 @@ class ProtectConfig:
     #: meta-gradient norm clip (null: no clipping)
     meta_clip: Optional[float] = 0.5
     #: FTS (meta) Adam rate
-    alpha: float = 1e-3
+    alpha: float = 3e-3
     #: NTR Adam rate
     beta: float = 1e-3
     ntr_batch_size: int = 64

@@ -46,7 +46,10 @@ def make_torch_optimizer(name: str, params, lr: float, hparams: dict | None = No
     from .functional import torch_optimizer_kwargs  # validates names, spells beta1/beta2 as betas
 
     base, hp = resolve_preset(name, hparams)
+    betas = hp.pop("betas", None)  # torch's own spelling is accepted as well
     kwargs = torch_optimizer_kwargs(base, hp)
+    if betas is not None:
+        kwargs["betas"] = tuple(betas)
     if base == "lion":
         from . import Lion  # the package's own torch.optim-style class
 

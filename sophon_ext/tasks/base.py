@@ -24,6 +24,8 @@ class Task(Protocol):
     #: key of the headline number :meth:`evaluate` returns ("accuracy", "denoising_loss")
     metric_name: str
     higher_is_better: bool
+    #: whether the model ends in a classifier head (head methods need one)
+    has_head: bool
 
     def prepare(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> tuple[ModelInputs, torch.Tensor]:
         """(model inputs, targets) for a raw batch."""

@@ -32,6 +32,7 @@ class ClassificationTask:
     name = "classification"
     metric_name = "accuracy"
     higher_is_better = True
+    has_head = True
 
     def __post_init__(self) -> None:
         if self.suppression not in SUPPRESSION_LOSSES:

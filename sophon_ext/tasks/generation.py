@@ -48,6 +48,8 @@ class GenerationTask:
     name = "generation"
     metric_name = "denoising_loss"
     higher_is_better = False
+    #: a noise predictor has no classifier head: head-based attack methods do not apply
+    has_head = False
 
     def __post_init__(self) -> None:
         if self.suppression not in SUPPRESSION_LOSSES:
