@@ -17,3 +17,10 @@ from .config import Config, ConfigError, ProtectConfig, load_config, save_config
 from .engine import ProtectionResult, Sophon, protect  # noqa: E402
 
 __all__ += ["Config", "ConfigError", "ProtectConfig", "ProtectionResult", "Sophon", "load_config", "protect", "save_config"]
+
+from . import attack  # noqa: E402
+from .attack import run_attacks  # noqa: E402
+from .finetune import AttackSpec  # noqa: E402
+from .tasks import ClassificationTask, make_task  # noqa: E402
+
+__all__ += ["AttackSpec", "ClassificationTask", "attack", "make_task", "run_attacks"]

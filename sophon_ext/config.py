@@ -193,7 +193,7 @@ class GuardConfig:
 class ProtectConfig:
     """The SOPHON loop (SOPHON.md "Algorithm")."""
 
-    iterations: int = 250
+    iterations: int = 400
     #: fine-tuning-suppression steps per iteration
     fts_steps: int = 1
     #: normal-training-reinforcement steps per iteration

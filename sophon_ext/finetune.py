@@ -304,6 +304,28 @@ def fine_tune(model: nn.Module, spec: AttackSpec, task, train, test, device: str
     return curve
 
 
+def train_one_epoch(model: nn.Module, task, data: ArrayDataset, optimizer: torch.optim.Optimizer, batch_size: int,
+                    generator: torch.Generator, loss_fn, scheduler=None) -> float:
+    """One pass over ``data`` in an order drawn from ``generator``, one optimizer
+    step per batch of ``loss_fn(model(*inputs), targets)``; returns the mean
+    training loss. Shared by the attacks and by pre-training."""
+    model.train()
+    n = len(data)
+    order = torch.randperm(n, generator=generator).to(data.x.device)
+    loss_sum = torch.zeros((), device=data.x.device)
+    for start in range(0, n, batch_size):
+        index = order[start : start + batch_size]
+        inputs, targets = task.prepare(data.x[index], data.y[index], generator)
+        batch_loss = loss_fn(model(*inputs), targets)
+        optimizer.zero_grad(set_to_none=True)
+        batch_loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += batch_loss.detach() * index.numel()
+    return float(loss_sum) / n  # one host sync per epoch
+
+
 def _train_loop(model: nn.Module, params: Sequence[torch.Tensor], spec: AttackSpec, task, train: ArrayDataset,
                 test: ArrayDataset, generator: torch.Generator) -> dict:
     optimizer = make_torch_optimizer(spec.optimizer, params, spec.lr, {**spec.hparams, "weight_decay": spec.weight_decay})
@@ -317,19 +339,8 @@ def _train_loop(model: nn.Module, params: Sequence[torch.Tensor], spec: AttackSp
     metric, loss, train_loss = [first[task.metric_name]], [first["loss"]], [None]
     diverged_at = None
     for epoch in range(1, spec.epochs + 1):
-        model.train()
-        order = torch.randperm(n, generator=generator).to(train.x.device)
-        loss_sum = torch.zeros((), device=train.x.device)
-        for start in range(0, n, spec.batch_size):
-            index = order[start : start + spec.batch_size]
-            inputs, targets = task.prepare(train.x[index], train.y[index], generator)
-            batch_loss = task.adaptation_loss(model(*inputs), targets)
-            optimizer.zero_grad(set_to_none=True)
-            batch_loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += batch_loss.detach() * index.numel()
-        epoch_loss = float(loss_sum) / n  # one host sync per epoch
+        epoch_loss = train_one_epoch(model, task, train, optimizer, spec.batch_size, generator,
+                                     task.adaptation_loss, scheduler)
         scores = task.evaluate(model, test.x, test.y, seed=spec.seed) if _finite(epoch_loss) else {}
         if not (_finite(epoch_loss) and _finite(scores.get("loss")) and _finite(scores.get(task.metric_name))):
             diverged_at = epoch

@@ -7,6 +7,7 @@ from torch import nn
 
 from .config import PretrainConfig
 from .data import ArrayDataset
+from .finetune import train_one_epoch
 from .optim.presets import make_torch_optimizer
 from .tasks import Task
 
@@ -42,19 +43,8 @@ def pretrain(
 
         bar = tqdm(total=config.epochs, desc="pretrain", unit="epoch", dynamic_ncols=True)
     for epoch in range(1, config.epochs + 1):
-        model.train()
-        order = torch.randperm(len(train), generator=generator).to(device)
-        total, count = 0.0, 0
-        for start in range(0, len(train), config.batch_size):
-            index = order[start : start + config.batch_size]
-            inputs, targets = task.prepare(train.x[index], train.y[index], generator)
-            loss = task.original_loss(model(*inputs), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * index.numel()
-            count += index.numel()
-        record = {"epoch": epoch, "loss": total / count}
+        loss = train_one_epoch(model, task, train, optimizer, config.batch_size, generator, task.original_loss)
+        record = {"epoch": epoch, "loss": loss}
         if val is not None and len(val):
             metrics = task.evaluate(model, val.x.to(device), val.y.to(device), seed=seed)
             record.update({f"val_{k}": v for k, v in metrics.items()})

@@ -43,13 +43,14 @@ def make_torch_optimizer(name: str, params, lr: float, hparams: dict | None = No
     """A torch.optim optimizer for a preset (Lion comes from sophon_ext.optim)."""
     if not lr > 0:
         raise ValueError(f"lr: must be > 0, got {lr}")
-    from .functional import torch_optimizer_kwargs  # validates names, spells beta1/beta2 as betas
+    from .functional import get_functional_optimizer, torch_optimizer_kwargs
 
     base, hp = resolve_preset(name, hparams)
-    betas = hp.pop("betas", None)  # torch's own spelling is accepted as well
-    kwargs = torch_optimizer_kwargs(base, hp)
-    if betas is not None:
-        kwargs["betas"] = tuple(betas)
+    # Names the functional optimizers know are checked and respelled (beta1/beta2
+    # -> betas); torch.optim's own options (betas, foreach, ...) pass through.
+    known = get_functional_optimizer(base).defaults
+    torch_only = {k: hp.pop(k) for k in list(hp) if k not in known}
+    kwargs = {**torch_optimizer_kwargs(base, hp), **torch_only}
     if base == "lion":
         from . import Lion  # the package's own torch.optim-style class
 
