@@ -20,6 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Sequence
 
+from .checkpoint import atomic_write_bytes
+
 SCHEMA_VERSION = 1
 STARTS = ("protected", "unprotected", "scratch")
 _SPEC_COLUMNS = ("method", "optimizer", "lr", "batch_size", "epochs", "weight_decay", "schedule", "seed")
@@ -135,20 +137,8 @@ def _temporary_name(path: Path) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never a half-written file).
-
-    The file gets the usual permissions (umask), unlike ``tempfile.mkstemp``'s 0600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(path)
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` atomically (see :func:`checkpoint.atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | Path, data) -> None:
