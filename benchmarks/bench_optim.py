@@ -21,6 +21,7 @@ import time
 
 import pytest
 import torch
+from conftest import DEVICES, synchronized
 
 from sophon_ext.models import SmallCNN
 from sophon_ext.optim import FusedMultiTrajectoryOptimizer, make_torch_optimizer, resolve_preset, torch_optimizer_kwargs
@@ -31,9 +32,9 @@ WIDTHS = {"cnn168k": 96, "cnn665k": 192}
 PRESETS = ["sgd_momentum", "adam", "adamw"]
 
 
-def _setup(preset: str, width: int, n: int = N_TRAJECTORIES):
+def _setup(preset: str, width: int, n: int = N_TRAJECTORIES, device: str = "cpu"):
     torch.manual_seed(0)
-    base_model = SmallCNN(width=width, depth=3)
+    base_model = SmallCNN(width=width, depth=3).to(device)
     rows = [{"lr": 1e-3 * (i + 1), "weight_decay": 1e-4 * i} for i in range(n)]
     baseline_models = [copy.deepcopy(base_model) for _ in range(n)]
     fused_models = [copy.deepcopy(base_model) for _ in range(n)]
@@ -59,7 +60,8 @@ def _setup(preset: str, width: int, n: int = N_TRAJECTORIES):
     for a, b in zip(baseline_models, fused_models):
         for p, q in zip(a.parameters(), b.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    return step_baseline, fused.step, sum(p.numel() for p in base_model.parameters())
+    size = sum(p.numel() for p in base_model.parameters())
+    return synchronized(step_baseline, device), synchronized(fused.step, device), size
 
 
 def _median_seconds(fn, rounds: int = 30, warmup: int = 3) -> float:
@@ -81,13 +83,14 @@ def compare(preset: str, width: int) -> dict:
     return {"params_per_model": size, "torch_foreach_s": baseline, "fused_s": fused, "speedup": baseline / fused}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["torch_foreach", "fused"])
 @pytest.mark.parametrize("model", list(WIDTHS))
 @pytest.mark.parametrize("preset", PRESETS)
-def test_optimizer_step(benchmark, preset, model, impl):
-    """Both ways in one group per (preset, model): the ratio of the medians is the speedup."""
-    step_baseline, step_fused, size = _setup(preset, WIDTHS[model])
-    benchmark.group = f"optimizer step, N={N_TRAJECTORIES} x {size} params: {preset}"
+def test_optimizer_step(benchmark, preset, model, impl, device):
+    """Both ways in one group per (preset, model, device): the ratio of the medians is the speedup."""
+    step_baseline, step_fused, size = _setup(preset, WIDTHS[model], device=device)
+    benchmark.group = f"optimizer step {device}, N={N_TRAJECTORIES} x {size} params: {preset}"
     benchmark.extra_info["params_per_model"] = size
     benchmark(step_fused if impl == "fused" else step_baseline)
 

@@ -21,6 +21,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICES, synchronized
 from torch.utils.flop_counter import FlopCounterMode
 
 from sophon_ext import FineTuneStrategy, simulate
@@ -45,36 +46,41 @@ def kl_uniform(output, targets, weight=None):
     return weighted_mean(torch.logsumexp(output, dim=-1) - output.mean(dim=-1), weight)
 
 
-def setup_case(name):
+def setup_case(name, device="cpu"):
     c = CASES[name]
     torch.manual_seed(0)
-    model = SmallCNN(width=c["width"], depth=c["depth"])
-    x = torch.randn(4 * c["batch"] + 64, 1, c["size"], c["size"])
-    y = torch.randint(0, 10, (x.shape[0],))
+    model = SmallCNN(width=c["width"], depth=c["depth"]).to(device)
+    x = torch.randn(4 * c["batch"] + 64, 1, c["size"], c["size"]).to(device)
+    y = torch.randint(0, 10, (x.shape[0],)).to(device)
     strategies = [FineTuneStrategy(c["optimizers"][i % len(c["optimizers"])], 1e-2, c["batch"], c["steps"], seed=i)
                   for i in range(c["n"])]
     return model, ((x,), y), strategies
 
 
-def runner(name, implementation):
-    model, data, strategies = setup_case(name)
+def runner(name, implementation, device="cpu"):
+    model, data, strategies = setup_case(name, device)
     if implementation == "sequential":
-        return lambda: simulate_sequential(model, strategies, data, cross_entropy, kl_uniform, query_size=QUERY)
-    return lambda: simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=QUERY, path=implementation)
+        run = lambda: simulate_sequential(model, strategies, data, cross_entropy, kl_uniform, query_size=QUERY)  # noqa: E731
+    else:
+        run = lambda: simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=QUERY, path=implementation)  # noqa: E731
+    return synchronized(run, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_simulate(benchmark, case, implementation):
-    run = runner(case, implementation)
+def test_simulate(benchmark, case, implementation, device):
+    run = runner(case, implementation, device)
     run()  # warm-up (and the auto path's calibration)
     benchmark.pedantic(run, rounds=3, iterations=1)
 
 
-def _matmul_gflops(size=1024, repeats=5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+def _matmul_gflops(device, repeats=5) -> float:
+    size = 4096 if device == "cuda" else 1024
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    mm = synchronized(lambda: torch.mm(a, b), device)
+    mm()
+    best = min(_timed(mm) for _ in range(repeats))
     return 2 * size**3 / best / 1e9
 
 
@@ -93,10 +99,11 @@ def _flops_per_run(name) -> int:
     return counter.get_total_flops() * len(strategies) * strategies[0].steps
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_ratios(benchmark, case):
+def test_ratios(benchmark, case, device):
     rounds = CASES[case].get("rounds", 5)
-    runs = {impl: runner(case, impl) for impl in IMPLEMENTATIONS}
+    runs = {impl: runner(case, impl, device) for impl in IMPLEMENTATIONS}
     for run in runs.values():
         run()
     times = {impl: [] for impl in IMPLEMENTATIONS}
@@ -112,8 +119,8 @@ def test_ratios(benchmark, case):
         flops = _flops_per_run(case)
         info["gflops_auto"] = flops / median["auto"] / 1e9
         info["gflops_sequential"] = flops / median["sequential"] / 1e9
-        info["gflops_matmul"] = _matmul_gflops()
+        info["gflops_matmul"] = _matmul_gflops(device)
     info["threads"] = torch.get_num_threads()
     benchmark.extra_info.update(info)
-    print(f"\n{case}: " + ", ".join(f"{k}={v:.3g}" for k, v in info.items()))
+    print(f"\n{case} {device}: " + ", ".join(f"{k}={v:.3g}" for k, v in info.items()))
     benchmark.pedantic(runs["auto"], rounds=1, iterations=1)

@@ -391,3 +391,28 @@ def test_input_transforms_that_change_shapes_run_in_their_own_group():
     result = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=3, path="vmap",
                       generator=torch.Generator().manual_seed(6), return_params=True)
     assert_matches_reference(model, strategies, data, result, 3, seed=6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("path", ["vmap", "loop"])
+def test_cuda_run_matches_the_cpu_sequential_loop(path):
+    # float64 on the GPU against the CPU loop: the fused update and batched paths on device
+    model, data = tiny_cnn(), pool()
+    strategies = every_method_and_optimizer(steps=2)
+    reference = simulate_sequential(model, strategies, data, cross_entropy, kl_uniform, query_size=4,
+                                    generator=torch.Generator().manual_seed(5))
+    (x,), y = data
+    result = simulate(copy.deepcopy(model).cuda(), strategies, ((x.cuda(),), y.cuda()), cross_entropy, kl_uniform,
+                      query_size=4, path=path, generator=torch.Generator().manual_seed(5), return_params=True)
+    assert result.query_losses.device.type == "cuda"
+    cpu = type(result)(**{f: _to_cpu(getattr(result, f)) for f in result.__dataclass_fields__})
+    assert_matches_reference(model, strategies, data, cpu, 4, seed=5, reference=reference)
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
