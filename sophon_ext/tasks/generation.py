@@ -176,6 +176,7 @@ DEFAULT_CONFIG_OVERRIDES = {
     "pretrain": {"epochs": 6, "lr": 2e-3, "batch_size": 64, "optimizer": "adam"},
     "protect": {
         "iterations": 200,
+        "num_strategies": 0,
         "inner_steps": 3,
         "query_size": 32,
         "alpha": 3e-3,
