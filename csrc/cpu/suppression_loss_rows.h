@@ -124,11 +124,12 @@ inline T lse_shift(T m) {
 // exp(x) for x <= 0 within 2 ulp (x >= -87.3; below, it flushes to 0 by
 // ~1e-38): round n = x log2(e), r = x - n ln2 in two parts (Cody-Waite),
 // exp(r) by its degree-6 Taylor-like minimax polynomial (Sleef's expf
-// coefficients), 2^n built in the exponent bits. x is clamped to [-88, 88]
-// first, so -inf gives 0 (2^-127 is built as +0), NaN stays NaN (min/max
-// return their second operand when one is NaN) and x > 0 gives no garbage.
+// coefficients), 2^n built in the exponent bits. x is clamped to >= -88
+// first, so -inf gives 0 (2^-127 is built as +0); NaN stays NaN (max returns
+// its second operand when one is NaN). x > 88 gives an unspecified value: the
+// passes mask such lanes or overwrite them (the backward's target lane).
 inline Vectorized<float> exp_nonpositive(const Vectorized<float>& xv) {
-  __m256 x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-88.0f), __m256(xv)));
+  const __m256 x = _mm256_max_ps(_mm256_set1_ps(-88.0f), __m256(xv));
   const __m256 magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
   const __m256 n = _mm256_sub_ps(t, magic);
@@ -164,12 +165,15 @@ inline Vectorized<T> vexp(const Vectorized<T>& x) {
 // when 0 <= skip < n); slot alternates between std::integral_constant 0 and 1
 // so that f can keep two accumulators. Only the block holding `skip` and the
 // last partial block are masked, all others are plain (unaligned) loads.
+// With `prefetch`, each pair of plain blocks also prefetches the next 64
+// bytes from there (the caller's next row), so that its memory reads overlap
+// this row's arithmetic.
 struct NoDrop {};
 using Slot0 = std::integral_constant<int, 0>;
 using Slot1 = std::integral_constant<int, 1>;
 
 template <typename T, typename F>
-inline void for_each_block(const T* x, int64_t n, int64_t skip, F&& f) {
+inline void for_each_block(const T* x, int64_t n, int64_t skip, F&& f, const char* prefetch = nullptr) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const int64_t full = n - n % W;
@@ -177,6 +181,10 @@ inline void for_each_block(const T* x, int64_t n, int64_t skip, F&& f) {
   const int64_t skip_block = has_skip ? skip - skip % W : n;
   auto plain = [&](int64_t j, int64_t end) {
     for (; j + 2 * W <= end; j += 2 * W) {
+      if (prefetch != nullptr) {
+        __builtin_prefetch(prefetch);
+        prefetch += 64;
+      }
       f(Vec::loadu(x + j), NoDrop{}, Slot0{});
       f(Vec::loadu(x + j + W), NoDrop{}, Slot1{});
     }
@@ -204,49 +212,53 @@ inline void for_each_block(const T* x, int64_t n, int64_t skip, F&& f) {
 template <typename Drop>
 inline constexpr bool kPlain = std::is_same_v<std::decay_t<Drop>, NoDrop>;
 
-// max_j s*x_j over j in [0, n) without j = skip, s = -1 when Negate; -inf when none.
-template <bool Negate, typename T>
-T row_max(const T* x, int64_t n, int64_t skip) {
+// (max_j s*x_j over j in [0, n) without j = skip, -inf when none; and, with
+// SumX, sum_j x_j over all of [0, n)), s = -1 when Negate.
+template <bool Negate, bool SumX, typename T>
+std::pair<T, T> row_max(const T* x, int64_t n, int64_t skip) {
   using Vec = Vectorized<T>;
-  const Vec neg_inf(-std::numeric_limits<T>::infinity());
-  Vec acc0 = neg_inf, acc1 = neg_inf;
+  const Vec neg_inf(-std::numeric_limits<T>::infinity()), zero(T(0));
+  Vec acc0 = neg_inf, acc1 = neg_inf, sum_x0 = zero, sum_x1 = zero;
   for_each_block(x, n, skip, [&](const Vec& v, const auto& drop, auto slot) {
+    constexpr bool first = decltype(slot)::value == 0;
+    if constexpr (SumX) {
+      (first ? sum_x0 : sum_x1) += v;  // lanes past n are 0
+    }
     Vec s = Negate ? v.neg() : v;
     if constexpr (!kPlain<decltype(drop)>) {
       s = Vec::blendv(s, neg_inf, drop);
     }
-    Vec& acc = decltype(slot)::value == 0 ? acc0 : acc1;
+    Vec& acc = first ? acc0 : acc1;
     acc = at::vec::maximum(acc, s);
   });
-  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, at::vec::maximum(acc0, acc1));
+  const T m = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, at::vec::maximum(acc0, acc1));
+  const T sum_x = SumX ? at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, sum_x0 + sum_x1) : T(0);
+  return {m, sum_x};
 }
 
 // sum_j exp(s*x_j - shift) over j in [0, n) without j = skip, s = -1 when
-// Negate, and (SumX) sum_j x_j over all of [0, n). Fast: see vexp.
-template <bool Negate, bool Fast, bool SumX, typename T>
-std::pair<T, T> row_sum_exp(const T* x, int64_t n, int64_t skip, T shift) {
+// Negate. Fast: see vexp. prefetch: see for_each_block.
+template <bool Negate, bool Fast, typename T>
+T row_sum_exp(const T* x, int64_t n, int64_t skip, T shift, const char* prefetch) {
   using Vec = Vectorized<T>;
   const Vec vshift(shift), zero(T(0));
-  Vec sum_e0 = zero, sum_e1 = zero, sum_x0 = zero, sum_x1 = zero;
-  for_each_block(x, n, skip, [&](const Vec& v, const auto& drop, auto slot) {
-    constexpr bool first = decltype(slot)::value == 0;
-    Vec e = vexp<Fast>((Negate ? v.neg() : v) - vshift);
-    if constexpr (!kPlain<decltype(drop)>) {
-      e = Vec::blendv(e, zero, drop);
-    }
-    (first ? sum_e0 : sum_e1) += e;
-    if constexpr (SumX) {
-      (first ? sum_x0 : sum_x1) += v;  // lanes past n are 0
-    }
-  });
-  auto add = [](Vec& a, Vec& b) { return a + b; };
-  const T sum_x = SumX ? at::vec::vec_reduce_all<T>(add, sum_x0 + sum_x1) : T(0);
-  return {at::vec::vec_reduce_all<T>(add, sum_e0 + sum_e1), sum_x};
+  Vec sum0 = zero, sum1 = zero;
+  for_each_block(
+      x, n, skip,
+      [&](const Vec& v, const auto& drop, auto slot) {
+        Vec e = vexp<Fast>((Negate ? v.neg() : v) - vshift);
+        if constexpr (!kPlain<decltype(drop)>) {
+          e = Vec::blendv(e, zero, drop);
+        }
+        (decltype(slot)::value == 0 ? sum0 : sum1) += e;
+      },
+      prefetch);
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, sum0 + sum1);
 }
 
 // logsumexp_j s*x_j over j in [0, n) without j = skip (s = -1 when Negate)
 // as shift + log_sum (shift = lse_shift(max); -inf when no j), and (SumX)
-// sum_j x_j over all of [0, n).
+// sum_j x_j over all of [0, n). prefetch: see for_each_block.
 template <typename T>
 struct RowLogSumExp {
   T shift;
@@ -256,12 +268,12 @@ struct RowLogSumExp {
 };
 
 template <bool Negate, bool SumX, typename T>
-RowLogSumExp<T> row_logsumexp(const T* x, int64_t n, int64_t skip) {
-  const T m = row_max<Negate>(x, n, skip);
+RowLogSumExp<T> row_logsumexp(const T* x, int64_t n, int64_t skip, const char* prefetch) {
+  const auto [m, sum_x] = row_max<Negate, SumX>(x, n, skip);
   const T shift = lse_shift(m);
   // Finite max: every kept argument s*x_j - m is <= 0 (or NaN), the fast exp's domain.
-  const auto [sum_e, sum_x] =
-      std::isfinite(m) ? row_sum_exp<Negate, true, SumX>(x, n, skip, shift) : row_sum_exp<Negate, false, SumX>(x, n, skip, shift);
+  const T sum_e = std::isfinite(m) ? row_sum_exp<Negate, true>(x, n, skip, shift, prefetch)
+                                   : row_sum_exp<Negate, false>(x, n, skip, shift, prefetch);
   return {shift, std::log(static_cast<double>(sum_e)), sum_x};
 }
 
@@ -297,6 +309,12 @@ void row_affine_exp(const T* x, T* out, int64_t n, double L, T shift, T a, T b) 
   } else {
     row_affine_exp<Negate, false>(x, out, n, shift, a, b);
   }
+}
+
+// The bytes of row i + 1 for the row passes to prefetch; null after the last row.
+template <typename scalar_t>
+inline const char* next_row(const scalar_t* rows, int64_t i, int64_t end, int64_t C) {
+  return i + 1 < end ? reinterpret_cast<const char*>(rows + (i + 1) * C) : nullptr;
 }
 
 // Reads row i as acc_t (converting half/bfloat16 rows into a per-thread
@@ -361,7 +379,7 @@ void suppression_forward_rows(const RowArgs& args, int64_t begin, int64_t end) {
     }
     const acc_t* z = io.load(logits + i * C);
     // logsumexp over the classes other than y (all classes without a target)
-    const RowLogSumExp<acc_t> rest = row_logsumexp<false, true>(z, C, y);
+    const RowLogSumExp<acc_t> rest = row_logsumexp<false, true>(z, C, y, next_row(logits, i, end, C));
     const double lse_rest = rest.value();
     const double d = y >= 0 ? static_cast<double>(z[y]) - lse_rest : -std::numeric_limits<double>::infinity();
     const double sum_z = static_cast<double>(rest.sum_x);
@@ -429,7 +447,7 @@ void ice_reference_forward_rows(const RowArgs& args, int64_t begin, int64_t end)
       continue;
     }
     const acc_t* z = io.load(logits + i * C);
-    const RowLogSumExp<acc_t> lse_neg = row_logsumexp<true, false>(z, C, -1);
+    const RowLogSumExp<acc_t> lse_neg = row_logsumexp<true, false>(z, C, -1, next_row(logits, i, end, C));
     // z_y + shift first: both large and close when y is the lowest logit
     loss[i] = static_cast<scalar_t>(static_cast<double>(z[y]) + static_cast<double>(lse_neg.shift) + lse_neg.log_sum);
     stats[i] = lse_neg.value();
