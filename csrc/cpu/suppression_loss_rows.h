@@ -91,13 +91,12 @@ inline T softplus(T d) {
   return d > T(0) ? d + std::log1p(std::exp(-d)) : std::log1p(std::exp(d));
 }
 
+// (sigmoid(d), sigmoid(-d)) = (p_y, 1 - p_y), each accurate, from one exp.
 template <typename T>
-inline T sigmoid(T d) {
-  if (d >= T(0)) {
-    return T(1) / (T(1) + std::exp(-d));
-  }
-  const T e = std::exp(d);
-  return e / (T(1) + e);
+inline std::pair<T, T> sigmoid_pair(T d) {
+  const T e = std::exp(-std::abs(d));  // in [0, 1]; NaN stays NaN
+  const T lo = e / (T(1) + e), hi = T(1) / (T(1) + e);
+  return d >= T(0) ? std::pair<T, T>{hi, lo} : std::pair<T, T>{lo, hi};
 }
 
 // exp(x - L) = exp(x - hi) * scale for a float64 L: hi is L rounded to T and
@@ -417,7 +416,7 @@ void suppression_backward_rows(const RowArgs& args, int64_t begin, int64_t end) 
     }
     const double g = static_cast<double>(grad_loss[i]);
     const double d = stats[2 * i + 1];
-    const double p_y = sigmoid(d), rest = sigmoid(-d);
+    const auto [p_y, rest] = sigmoid_pair(d);
     const SplitShift<acc_t> lse_rest(stats[2 * i]);
     const acc_t* z = io.load(logits + i * C);
     acc_t* out = io.output(grad_row);
