@@ -21,7 +21,11 @@
 // would be off by ulp(1e4) ~ 1e-3 and so would exp(z - L). The backward
 // splits L into a float part and a small remainder to keep exp(z - L) exact
 // to float rounding. Row sums accumulate in float for float/half/bfloat16,
-// double for double.
+// double for double. On AVX2, float row passes use a polynomial exp (~2 ulp,
+// exp_nonpositive) where every argument they keep is <= 0, i.e. when the
+// row's shift is finite; a NaN or infinite row max (or L) takes the exact exp.
+// Each pass runs over the whole row in W-blocks; only the block holding the
+// target (left out of L) and the last partial block are masked.
 #pragma once
 
 #include <cstdint>
@@ -79,12 +83,6 @@ const RowKernelSet* avx2_row_kernels();
 namespace sophon_ext::cpu::SOPHON_ROW_KERNEL_NAMESPACE {
 
 using at::vec::Vectorized;
-
-template <typename T>
-inline T nan_max(T a, T b) {
-  // NaN wins, so a NaN logit makes the row's loss NaN.
-  return (a != a || a > b) ? a : b;
-}
 
 template <typename T>
 inline T softplus(T d) {
@@ -278,13 +276,17 @@ RowLogSumExp<T> row_logsumexp(const T* x, int64_t n, int64_t skip, const char* p
 
 // out_j = a * exp(s*x_j - shift) + b over [0, n), s = -1 when Negate. Fast: see vexp.
 template <bool Negate, bool Fast, typename T>
-void row_affine_exp(const T* x, T* out, int64_t n, T shift, T a, T b) {
+void row_affine_exp(const T* x, T* out, int64_t n, T shift, T a, T b, const char* prefetch) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec vshift(shift), va(a), vb(b);
   auto value = [&](const Vec& v) { return at::vec::fmadd(vexp<Fast>((Negate ? v.neg() : v) - vshift), va, vb); };
   int64_t j = 0;
   for (; j + 2 * W <= n; j += 2 * W) {
+    if (prefetch != nullptr) {
+      __builtin_prefetch(prefetch);
+      prefetch += 64;
+    }
     const Vec r0 = value(Vec::loadu(x + j)), r1 = value(Vec::loadu(x + j + W));
     r0.store(out + j);
     r1.store(out + j + W);
@@ -302,11 +304,11 @@ void row_affine_exp(const T* x, T* out, int64_t n, T shift, T a, T b) {
 // row_affine_exp with the fast exp when the float64 shift L is finite: then
 // every s*x_j - L is <= 0 but at the target lane (which the callers overwrite).
 template <bool Negate, typename T>
-void row_affine_exp(const T* x, T* out, int64_t n, double L, T shift, T a, T b) {
+void row_affine_exp(const T* x, T* out, int64_t n, double L, T shift, T a, T b, const char* prefetch) {
   if (std::isfinite(L)) {
-    row_affine_exp<Negate, true>(x, out, n, shift, a, b);
+    row_affine_exp<Negate, true>(x, out, n, shift, a, b, prefetch);
   } else {
-    row_affine_exp<Negate, false>(x, out, n, shift, a, b);
+    row_affine_exp<Negate, false>(x, out, n, shift, a, b, prefetch);
   }
 }
 
@@ -422,7 +424,7 @@ void suppression_backward_rows(const RowArgs& args, int64_t begin, int64_t end) 
     acc_t* out = io.output(grad_row);
     const double a = g * (klu_w * rest - ice_w * p_y);
     row_affine_exp<false>(z, out, C, stats[2 * i], lse_rest.hi, static_cast<acc_t>(a * lse_rest.scale),
-                          static_cast<acc_t>(-g * klu_w * inv_c));
+                          static_cast<acc_t>(-g * klu_w * inv_c), next_row(logits, i, end, C));
     if (y >= 0) {
       out[y] = static_cast<acc_t>(g * (ice_w * p_y + klu_w * (p_y - inv_c)));
     }
@@ -474,7 +476,8 @@ void ice_reference_backward_rows(const RowArgs& args, int64_t begin, int64_t end
     const SplitShift<acc_t> lse_neg(stats[i]);
     const acc_t* z = io.load(logits + i * C);
     acc_t* out = io.output(grad_row);
-    row_affine_exp<true>(z, out, C, stats[i], lse_neg.hi, static_cast<acc_t>(-g * lse_neg.scale), acc_t(0));
+    row_affine_exp<true>(z, out, C, stats[i], lse_neg.hi, static_cast<acc_t>(-g * lse_neg.scale), acc_t(0),
+                         next_row(logits, i, end, C));
     // out_y = g (1 - r_y): 1 - r_y from the float64 stats when r_y is near 1
     out[y] = static_cast<acc_t>(g * -std::expm1(-static_cast<double>(z[y]) - stats[i]));
     io.store(grad_row);
