@@ -21,7 +21,11 @@
 // would be off by ulp(1e4) ~ 1e-3 and so would exp(z - L). The backward
 // splits L into a float part and a small remainder to keep exp(z - L) exact
 // to float rounding. Row sums accumulate in float for float/half/bfloat16,
-// double for double.
+// double for double. On AVX2, float row passes use a polynomial exp (~2 ulp,
+// exp_nonpositive) where every argument they keep is <= 0, i.e. when the
+// row's shift is finite; a NaN or infinite row max (or L) takes the exact exp.
+// Each pass runs over the whole row in W-blocks; only the block holding the
+// target (left out of L) and the last partial block are masked.
 #pragma once
 
 #include <cstdint>
@@ -81,23 +85,16 @@ namespace sophon_ext::cpu::SOPHON_ROW_KERNEL_NAMESPACE {
 using at::vec::Vectorized;
 
 template <typename T>
-inline T nan_max(T a, T b) {
-  // NaN wins, so a NaN logit makes the row's loss NaN.
-  return (a != a || a > b) ? a : b;
-}
-
-template <typename T>
 inline T softplus(T d) {
   return d > T(0) ? d + std::log1p(std::exp(-d)) : std::log1p(std::exp(d));
 }
 
+// (sigmoid(d), sigmoid(-d)) = (p_y, 1 - p_y), each accurate, from one exp.
 template <typename T>
-inline T sigmoid(T d) {
-  if (d >= T(0)) {
-    return T(1) / (T(1) + std::exp(-d));
-  }
-  const T e = std::exp(d);
-  return e / (T(1) + e);
+inline std::pair<T, T> sigmoid_pair(T d) {
+  const T e = std::exp(-std::abs(d));  // in [0, 1]; NaN stays NaN
+  const T lo = e / (T(1) + e), hi = T(1) / (T(1) + e);
+  return d >= T(0) ? std::pair<T, T>{hi, lo} : std::pair<T, T>{lo, hi};
 }
 
 // exp(x - L) = exp(x - hi) * scale for a float64 L: hi is L rounded to T and
@@ -116,73 +113,209 @@ inline T lse_shift(T m) {
   return std::isinf(m) ? T(0) : m;
 }
 
-// The last n < W elements of x as a vector, the missing lanes set to fill.
+// exp of the row passes. Fast: for float on AVX2, a polynomial exp (see
+// exp_nonpositive) in place of Sleef's; the passes use it only where every
+// argument they keep is <= 0 (a finite shift at least the kept logits' max),
+// the exact exp() otherwise and for double.
+#if defined(CPU_CAPABILITY_AVX2)
+// exp(x) for x <= 0 within 2 ulp (x >= -87.3; below, it flushes to 0 by
+// ~1e-38): round n = x log2(e), r = x - n ln2 in two parts (Cody-Waite),
+// exp(r) by its degree-6 Taylor-like minimax polynomial (Sleef's expf
+// coefficients), 2^n built in the exponent bits. x is clamped to >= -88
+// first, so -inf gives 0 (2^-127 is built as +0); NaN stays NaN (max returns
+// its second operand when one is NaN). x > 88 gives an unspecified value: the
+// passes mask such lanes or overwrite them (the backward's target lane).
+inline Vectorized<float> exp_nonpositive(const Vectorized<float>& xv) {
+  const __m256 x = _mm256_max_ps(_mm256_set1_ps(-88.0f), __m256(xv));
+  const __m256 magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  // ln2 high part: n * it is exact
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+  __m256 p = _mm256_set1_ps(0.000198527617612853646278381f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.00139304355252534151077271f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.00833336077630519866943359f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.0416664853692054748535156f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.166666671633720397949219f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  // t's low mantissa bits hold n (two's complement): (n + 127) << 23 is 2^n, +0 for n = -127
+  const __m256i pow2n = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(t), 23), _mm256_set1_epi32(127 << 23));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
+}
+#endif
+
+template <bool Fast, typename T>
+inline Vectorized<T> vexp(const Vectorized<T>& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (Fast && std::is_same_v<T, float>) {
+    return exp_nonpositive(x);
+  }
+#endif
+  return x.exp();
+}
+
+// Calls f(v, drop, slot) for the W-blocks of x[0, n) in order: v is the block
+// (lanes past n read as 0); drop is NoDrop for a full block without `skip`,
+// else the mask of the lanes a pass leaves out (those past n, and lane skip
+// when 0 <= skip < n); slot alternates between std::integral_constant 0 and 1
+// so that f can keep two accumulators. Only the block holding `skip` and the
+// last partial block are masked, all others are plain (unaligned) loads.
+// With `prefetch`, each pair of plain blocks also prefetches the next 64
+// bytes from there (the caller's next row), so that its memory reads overlap
+// this row's arithmetic.
+struct NoDrop {};
+using Slot0 = std::integral_constant<int, 0>;
+using Slot1 = std::integral_constant<int, 1>;
+
+template <typename T, typename F>
+inline void for_each_block(const T* x, int64_t n, int64_t skip, F&& f, const char* prefetch = nullptr) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t full = n - n % W;
+  const bool has_skip = skip >= 0 && skip < n;
+  const int64_t skip_block = has_skip ? skip - skip % W : n;
+  auto plain = [&](int64_t j, int64_t end) {
+    for (; j + 2 * W <= end; j += 2 * W) {
+      if (prefetch != nullptr) {
+        __builtin_prefetch(prefetch);
+        prefetch += 64;
+      }
+      f(Vec::loadu(x + j), NoDrop{}, Slot0{});
+      f(Vec::loadu(x + j + W), NoDrop{}, Slot1{});
+    }
+    if (j < end) {
+      f(Vec::loadu(x + j), NoDrop{}, Slot0{});
+    }
+  };
+  const auto lane = [] { return Vec::arange(T(0), T(1)); };
+  if (skip_block < full) {
+    plain(0, skip_block);
+    f(Vec::loadu(x + skip_block), Vec(lane() == Vec(static_cast<T>(skip - skip_block))), Slot1{});
+    plain(skip_block + W, full);
+  } else {
+    plain(0, full);
+  }
+  if (full < n) {
+    Vec drop = lane() >= Vec(static_cast<T>(n - full));
+    if (has_skip && skip_block == full) {
+      drop = drop | (lane() == Vec(static_cast<T>(skip - full)));
+    }
+    f(Vec::loadu(x + full, n - full), drop, Slot1{});
+  }
+}
+
+template <typename Drop>
+inline constexpr bool kPlain = std::is_same_v<std::decay_t<Drop>, NoDrop>;
+
+// (max_j s*x_j over j in [0, n) without j = skip, -inf when none; and, with
+// SumX, sum_j x_j over all of [0, n)), s = -1 when Negate.
+template <bool Negate, bool SumX, typename T>
+std::pair<T, T> row_max(const T* x, int64_t n, int64_t skip) {
+  using Vec = Vectorized<T>;
+  const Vec neg_inf(-std::numeric_limits<T>::infinity()), zero(T(0));
+  Vec acc0 = neg_inf, acc1 = neg_inf, sum_x0 = zero, sum_x1 = zero;
+  for_each_block(x, n, skip, [&](const Vec& v, const auto& drop, auto slot) {
+    constexpr bool first = decltype(slot)::value == 0;
+    if constexpr (SumX) {
+      (first ? sum_x0 : sum_x1) += v;  // lanes past n are 0
+    }
+    Vec s = Negate ? v.neg() : v;
+    if constexpr (!kPlain<decltype(drop)>) {
+      s = Vec::blendv(s, neg_inf, drop);
+    }
+    Vec& acc = first ? acc0 : acc1;
+    acc = at::vec::maximum(acc, s);
+  });
+  const T m = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, at::vec::maximum(acc0, acc1));
+  const T sum_x = SumX ? at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, sum_x0 + sum_x1) : T(0);
+  return {m, sum_x};
+}
+
+// sum_j exp(s*x_j - shift) over j in [0, n) without j = skip, s = -1 when
+// Negate. Fast: see vexp. prefetch: see for_each_block.
+template <bool Negate, bool Fast, typename T>
+T row_sum_exp(const T* x, int64_t n, int64_t skip, T shift, const char* prefetch) {
+  using Vec = Vectorized<T>;
+  const Vec vshift(shift), zero(T(0));
+  Vec sum0 = zero, sum1 = zero;
+  for_each_block(
+      x, n, skip,
+      [&](const Vec& v, const auto& drop, auto slot) {
+        Vec e = vexp<Fast>((Negate ? v.neg() : v) - vshift);
+        if constexpr (!kPlain<decltype(drop)>) {
+          e = Vec::blendv(e, zero, drop);
+        }
+        (decltype(slot)::value == 0 ? sum0 : sum1) += e;
+      },
+      prefetch);
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, sum0 + sum1);
+}
+
+// logsumexp_j s*x_j over j in [0, n) without j = skip (s = -1 when Negate)
+// as shift + log_sum (shift = lse_shift(max); -inf when no j), and (SumX)
+// sum_j x_j over all of [0, n). prefetch: see for_each_block.
 template <typename T>
-Vectorized<T> load_tail(const T* x, int64_t n, T fill) {
-  return Vectorized<T>::set(Vectorized<T>(fill), Vectorized<T>::loadu(x, n), n);
+struct RowLogSumExp {
+  T shift;
+  double log_sum;
+  T sum_x;
+  double value() const { return static_cast<double>(shift) + log_sum; }
+};
+
+template <bool Negate, bool SumX, typename T>
+RowLogSumExp<T> row_logsumexp(const T* x, int64_t n, int64_t skip, const char* prefetch) {
+  const auto [m, sum_x] = row_max<Negate, SumX>(x, n, skip);
+  const T shift = lse_shift(m);
+  // Finite max: every kept argument s*x_j - m is <= 0 (or NaN), the fast exp's domain.
+  const T sum_e = std::isfinite(m) ? row_sum_exp<Negate, true>(x, n, skip, shift, prefetch)
+                                   : row_sum_exp<Negate, false>(x, n, skip, shift, prefetch);
+  return {shift, std::log(static_cast<double>(sum_e)), sum_x};
 }
 
-// max_j s*x_j over x[0, n), s = -1 when Negate; -inf for n == 0.
-template <bool Negate, typename T>
-T row_max(const T* x, int64_t n) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  constexpr T inf = std::numeric_limits<T>::infinity();
-  Vec acc(-inf);
-  int64_t j = 0;
-  for (; j + W <= n; j += W) {
-    Vec v = Vec::loadu(x + j);
-    acc = at::vec::maximum(acc, Negate ? v.neg() : v);
-  }
-  if (j < n) {
-    Vec v = load_tail(x + j, n - j, Negate ? inf : -inf);
-    acc = at::vec::maximum(acc, Negate ? v.neg() : v);
-  }
-  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
-}
-
-// (sum_j exp(s*x_j - shift), sum_j x_j) over x[0, n), s = -1 when Negate.
-template <bool Negate, typename T>
-std::pair<T, T> row_sum_exp(const T* x, int64_t n, T shift) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  constexpr T inf = std::numeric_limits<T>::infinity();
-  const Vec vshift(shift);
-  Vec sum_e0(T(0)), sum_e1(T(0)), sum_x(T(0));
-  int64_t j = 0;
-  for (; j + 2 * W <= n; j += 2 * W) {  // two accumulators hide exp latency
-    Vec a = Vec::loadu(x + j), b = Vec::loadu(x + j + W);
-    sum_x += a + b;
-    sum_e0 += ((Negate ? a.neg() : a) - vshift).exp();
-    sum_e1 += ((Negate ? b.neg() : b) - vshift).exp();
-  }
-  for (; j < n; j += W) {  // last full vector and the tail; padded lanes add exp(-inf) = 0
-    const int64_t m = std::min<int64_t>(W, n - j);
-    sum_x += Vec::loadu(x + j, m);  // zero-filled lanes
-    Vec a = load_tail(x + j, m, Negate ? inf : -inf);
-    sum_e0 += ((Negate ? a.neg() : a) - vshift).exp();
-  }
-  auto add = [](Vec& a, Vec& b) { return a + b; };
-  sum_e0 += sum_e1;
-  return {at::vec::vec_reduce_all<T>(add, sum_e0), at::vec::vec_reduce_all<T>(add, sum_x)};
-}
-
-// out_j = a * exp(s*x_j - shift) + b over [0, n), s = -1 when Negate.
-template <bool Negate, typename T>
-void row_affine_exp(const T* x, T* out, int64_t n, T shift, T a, T b) {
+// out_j = a * exp(s*x_j - shift) + b over [0, n), s = -1 when Negate. Fast: see vexp.
+template <bool Negate, bool Fast, typename T>
+void row_affine_exp(const T* x, T* out, int64_t n, T shift, T a, T b, const char* prefetch) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec vshift(shift), va(a), vb(b);
-  for (int64_t j = 0; j < n; j += W) {
+  auto value = [&](const Vec& v) { return at::vec::fmadd(vexp<Fast>((Negate ? v.neg() : v) - vshift), va, vb); };
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    if (prefetch != nullptr) {
+      __builtin_prefetch(prefetch);
+      prefetch += 64;
+    }
+    const Vec r0 = value(Vec::loadu(x + j)), r1 = value(Vec::loadu(x + j + W));
+    r0.store(out + j);
+    r1.store(out + j + W);
+  }
+  for (; j < n; j += W) {
     const int64_t m = std::min<int64_t>(W, n - j);
-    Vec v = m == W ? Vec::loadu(x + j) : Vec::loadu(x + j, m);
-    Vec r = at::vec::fmadd(((Negate ? v.neg() : v) - vshift).exp(), va, vb);
     if (m == W) {
-      r.store(out + j);
+      value(Vec::loadu(x + j)).store(out + j);
     } else {
-      r.store(out + j, m);
+      value(Vec::loadu(x + j, m)).store(out + j, m);
     }
   }
+}
+
+// row_affine_exp with the fast exp when the float64 shift L is finite: then
+// every s*x_j - L is <= 0 but at the target lane (which the callers overwrite).
+template <bool Negate, typename T>
+void row_affine_exp(const T* x, T* out, int64_t n, double L, T shift, T a, T b, const char* prefetch) {
+  if (std::isfinite(L)) {
+    row_affine_exp<Negate, true>(x, out, n, shift, a, b, prefetch);
+  } else {
+    row_affine_exp<Negate, false>(x, out, n, shift, a, b, prefetch);
+  }
+}
+
+// The bytes of row i + 1 for the row passes to prefetch; null after the last row.
+template <typename scalar_t>
+inline const char* next_row(const scalar_t* rows, int64_t i, int64_t end, int64_t C) {
+  return i + 1 < end ? reinterpret_cast<const char*>(rows + (i + 1) * C) : nullptr;
 }
 
 // Reads row i as acc_t (converting half/bfloat16 rows into a per-thread
@@ -246,22 +379,11 @@ void suppression_forward_rows(const RowArgs& args, int64_t begin, int64_t end) {
       continue;
     }
     const acc_t* z = io.load(logits + i * C);
-    double lse_rest, d, sum_z;
-    if (y >= 0) {  // logsumexp over the classes other than y: [0, y) and (y, C)
-      const acc_t m = nan_max(row_max<false>(z, y), row_max<false>(z + y + 1, C - y - 1));
-      const acc_t shift = lse_shift(m);
-      const auto [se_lo, sx_lo] = row_sum_exp<false>(z, y, shift);
-      const auto [se_hi, sx_hi] = row_sum_exp<false>(z + y + 1, C - y - 1, shift);
-      lse_rest = static_cast<double>(shift) + std::log(static_cast<double>(se_lo + se_hi));
-      d = static_cast<double>(z[y]) - lse_rest;
-      sum_z = static_cast<double>(sx_lo + sx_hi) + static_cast<double>(z[y]);
-    } else {
-      const acc_t shift = lse_shift(row_max<false>(z, C));
-      const auto [se, sx] = row_sum_exp<false>(z, C, shift);
-      lse_rest = static_cast<double>(shift) + std::log(static_cast<double>(se));
-      d = -std::numeric_limits<double>::infinity();
-      sum_z = static_cast<double>(sx);
-    }
+    // logsumexp over the classes other than y (all classes without a target)
+    const RowLogSumExp<acc_t> rest = row_logsumexp<false, true>(z, C, y, next_row(logits, i, end, C));
+    const double lse_rest = rest.value();
+    const double d = y >= 0 ? static_cast<double>(z[y]) - lse_rest : -std::numeric_limits<double>::infinity();
+    const double sum_z = static_cast<double>(rest.sum_x);
     const double ice = softplus(d);
     double value = 0.0;
     // A zero weight must not turn an infinite term into NaN (0 * inf).
@@ -296,12 +418,13 @@ void suppression_backward_rows(const RowArgs& args, int64_t begin, int64_t end) 
     }
     const double g = static_cast<double>(grad_loss[i]);
     const double d = stats[2 * i + 1];
-    const double p_y = sigmoid(d), rest = sigmoid(-d);
+    const auto [p_y, rest] = sigmoid_pair(d);
     const SplitShift<acc_t> lse_rest(stats[2 * i]);
     const acc_t* z = io.load(logits + i * C);
     acc_t* out = io.output(grad_row);
     const double a = g * (klu_w * rest - ice_w * p_y);
-    row_affine_exp<false>(z, out, C, lse_rest.hi, static_cast<acc_t>(a * lse_rest.scale), static_cast<acc_t>(-g * klu_w * inv_c));
+    row_affine_exp<false>(z, out, C, stats[2 * i], lse_rest.hi, static_cast<acc_t>(a * lse_rest.scale),
+                          static_cast<acc_t>(-g * klu_w * inv_c), next_row(logits, i, end, C));
     if (y >= 0) {
       out[y] = static_cast<acc_t>(g * (ice_w * p_y + klu_w * (p_y - inv_c)));
     }
@@ -325,11 +448,10 @@ void ice_reference_forward_rows(const RowArgs& args, int64_t begin, int64_t end)
       continue;
     }
     const acc_t* z = io.load(logits + i * C);
-    const acc_t shift = lse_shift(row_max<true>(z, C));
-    const double log_sum = std::log(static_cast<double>(row_sum_exp<true>(z, C, shift).first));
+    const RowLogSumExp<acc_t> lse_neg = row_logsumexp<true, false>(z, C, -1, next_row(logits, i, end, C));
     // z_y + shift first: both large and close when y is the lowest logit
-    loss[i] = static_cast<scalar_t>(static_cast<double>(z[y]) + static_cast<double>(shift) + log_sum);
-    stats[i] = static_cast<double>(shift) + log_sum;
+    loss[i] = static_cast<scalar_t>(static_cast<double>(z[y]) + static_cast<double>(lse_neg.shift) + lse_neg.log_sum);
+    stats[i] = lse_neg.value();
   }
 }
 
@@ -354,7 +476,8 @@ void ice_reference_backward_rows(const RowArgs& args, int64_t begin, int64_t end
     const SplitShift<acc_t> lse_neg(stats[i]);
     const acc_t* z = io.load(logits + i * C);
     acc_t* out = io.output(grad_row);
-    row_affine_exp<true>(z, out, C, lse_neg.hi, static_cast<acc_t>(-g * lse_neg.scale), acc_t(0));
+    row_affine_exp<true>(z, out, C, stats[i], lse_neg.hi, static_cast<acc_t>(-g * lse_neg.scale), acc_t(0),
+                         next_row(logits, i, end, C));
     // out_y = g (1 - r_y): 1 - r_y from the float64 stats when r_y is near 1
     out[y] = static_cast<acc_t>(g * -std::expm1(-static_cast<double>(z[y]) - stats[i]));
     io.store(grad_row);
