@@ -299,15 +299,15 @@ def test_memory_estimate_chunks_and_out_of_memory_splits(monkeypatch):
     torch.testing.assert_close(small.query_losses, whole.query_losses)
     monkeypatch.undo()
     # an out-of-memory error in a chunk of several trajectories splits it in halves and retries
-    real_step, sizes = ChunkRunner.step_vmap, []
+    real_step, sizes = ChunkRunner.step, []
 
-    def failing_step(self, batch):
+    def failing_step(self, batch, *args, **kwargs):
         sizes.append(len(self.chunk.batch_sizes))
         if len(self.chunk.batch_sizes) > 1:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_step(self, batch)
+        return real_step(self, batch, *args, **kwargs)
 
-    monkeypatch.setattr(ChunkRunner, "step_vmap", failing_step)
+    monkeypatch.setattr(ChunkRunner, "step", failing_step)
     split = run(path="vmap")
     assert split.path == "chunked" and split.chunk_size == 1 and sizes[:3] == [4, 2, 1]
     torch.testing.assert_close(split.query_losses, whole.query_losses)

@@ -1,10 +1,14 @@
 """Running one chunk of trajectories, step by step.
 
-State is one stacked tensor per parameter (n, ...) plus each optimizer
-group's stacked functional-optimizer state: N copies of parameters and
-optimizer state, one module. Forward/backward passes run over the whole chunk
-whatever the optimizers; only the update runs per :class:`UpdateGroup` (a
-contiguous row range sharing an optimizer base and static hyperparameters).
+State: N copies of parameters and optimizer state, one module. First order
+keeps the parameters in one flat (n, P) buffer updated in place; second
+order keeps one stacked tensor per parameter (n, ...), new at every step (the
+meta-gradient differentiates through the updates). Forward/backward passes
+run over the whole chunk whatever the optimizers; only the update runs per
+:class:`UpdateGroup` (a contiguous row range sharing an optimizer base and
+static hyperparameters): first order with the fused multi-trajectory op
+where the base has one (sgd, adam, adamw, lion), otherwise with one vmapped
+call of the functional optimizer.
 
 Two ways to compute the gradients, interchangeable at any step because they
 read and write the same stacked state:
@@ -16,10 +20,9 @@ read and write the same stacked state:
 - ``loop``: forward/backward trajectory by trajectory with the ordinary
   kernels (no padding).
 
-Both then update every group with one vmapped call. ``auto`` times them
-(and the loop with channels-last image inputs) on the first steps and keeps
-the fastest (cached per signature: model, shapes, batch sizes, device,
-threads).
+``auto`` times them (and the loop with channels-last image inputs) on the
+first steps and keeps the fastest (cached per signature: model, shapes,
+batch sizes, device, threads).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from ._simulate_memory import is_out_of_memory
+from .optim.fused import FUSED_KINDS, FusedMultiTrajectoryOptimizer, flat_views
 from .optim.functional import FunctionalOptimizer
 
 # (signature) -> "vmap" | "loop"; filled by timing the first steps of a run.
@@ -86,6 +90,43 @@ def _update_function(group: UpdateGroup):
     return vmap(update, randomness="different")
 
 
+class _FunctionalUpdate:
+    """A group's update by its vmapped functional optimizer (differentiable: second
+    order, and first order for bases with no fused op). ``in_place``: write the new
+    values into the parameter tensors given (views of the chunk's flat buffer)."""
+
+    def __init__(self, group: UpdateGroup, params: dict, in_place: bool):
+        self.group, self.in_place = group, in_place
+        self.state = vmap(group.optimizer.init)(params)
+        self._update = _update_function(group)
+
+    def __call__(self, params: dict, grads: dict) -> dict:
+        new_params, self.state = self._update(params, grads, self.state, self.group.hp_varying, self.group.masks)
+        if not self.in_place:
+            return new_params
+        for name, value in new_params.items():
+            params[name].copy_(value)
+        return params
+
+
+class _FusedUpdate:
+    """A group's first-order update in place on its rows of the chunk's flat
+    parameter and gradient buffers: one fused op call (sgd, adam, adamw, lion)."""
+
+    def __init__(self, group: UpdateGroup, params: dict, flat: Tensor, flat_grads: Tensor):
+        hparams = {**group.hp_const, **group.hp_varying}
+        self.optimizer = FusedMultiTrajectoryOptimizer(params, group.optimizer.name, hparams,
+                                                       buffers=(flat[group.rows], flat_grads[group.rows]))
+        self.frozen = {name: ~trains for name, trains in group.masks.items()}
+
+    def __call__(self, params: dict, grads: dict) -> dict:
+        kept = {name: params[name][frozen] for name, frozen in self.frozen.items()}  # copies
+        self.optimizer.step()  # ``grads`` are already in the flat gradient buffer
+        for name, value in kept.items():
+            params[name][self.frozen[name]] = value  # frozen: keep the exact old value
+        return params
+
+
 def _channels_last(inputs: tuple) -> tuple:
     """(n, B, C, H, W) float inputs laid out so each trajectory's (B, C, H, W) slice is channels-last."""
     return tuple(t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) if t.dim() == 5 and t.is_floating_point() else t
@@ -93,7 +134,12 @@ def _channels_last(inputs: tuple) -> tuple:
 
 
 class ChunkRunner:
-    """Steps a :class:`Chunk` with the vmap or loop path; accumulates query losses and gradients."""
+    """Steps a :class:`Chunk` with the vmap or loop gradients; accumulates query losses and gradients.
+
+    First order keeps the parameters in one flat (n, P) buffer (``self.params``
+    are views of it) updated in place, by the fused op where the group's
+    optimizer has one; second order keeps a new stacked dict per step (the graph).
+    """
 
     def __init__(self, chunk: Chunk):
         self.chunk = chunk
@@ -103,12 +149,16 @@ class ChunkRunner:
             # still needs one for the inner gradients (a leaf nobody asks about)
             self.params = {n: p if p.requires_grad else p.detach().requires_grad_(True) for n, p in chunk.start.items()}
         else:
-            self.params = {n: p.detach() for n, p in chunk.start.items()}
-        self.states = [vmap(g.optimizer.init)(self._rows(self.params, g.rows)) for g in chunk.groups]
-        self.updates = [_update_function(g) for g in chunk.groups]
+            n = len(chunk.batch_sizes)
+            shapes = {name: p.shape[1:] for name, p in chunk.start.items()}
+            self.flat = torch.cat([p.detach().reshape(n, -1) for p in chunk.start.values()], dim=1)
+            self.flat_grads = torch.zeros_like(self.flat)
+            self.params, self.grads = flat_views(self.flat, shapes), flat_views(self.flat_grads, shapes)
+        self.updates = [self._group_update(g) for g in chunk.groups]
         self.adapt = _objective(chunk.model, chunk.adaptation_loss)
         self.query = _objective(chunk.model, chunk.suppression_loss)
         self.losses: list[Tensor] = []  # per step, (n,)
+        self._updates_done = 0
         self.query_grad_sum = None if self.second_order else {n: torch.zeros_like(p) for n, p in self.params.items()}
         # the padding weight is None when every batch of the chunk has the same size
         self._adapt_grads = {
@@ -118,73 +168,79 @@ class ChunkRunner:
         query = self.query if self.second_order else grad_and_value(self.query)
         self._query_vmapped = vmap(query, in_dims=(0, 0, 0, None), randomness="different")
 
+    def _group_update(self, group: UpdateGroup):
+        params = self._rows(self.params, group.rows)
+        if self.second_order or group.optimizer.name not in FUSED_KINDS:
+            return _FunctionalUpdate(group, params, in_place=not self.second_order)
+        return _FusedUpdate(group, params, self.flat, self.flat_grads)
+
     @staticmethod
     def _rows(tensors: dict, rows: slice) -> dict:
         return {n: t[rows] for n, t in tensors.items()}
 
-    def _updated(self, grads: dict) -> tuple[dict, list]:
-        """New (params, states) after one update of every group; nothing is assigned."""
-        pieces, states = [], []
-        for group, update, state in zip(self.chunk.groups, self.updates, self.states):
-            new_params, new_state = update(self._rows(self.params, group.rows), self._rows(grads, group.rows),
-                                           state, group.hp_varying, group.masks)
-            pieces.append(new_params)
-            states.append(new_state)
-        if len(pieces) == 1:
-            return pieces[0], states
-        return {n: torch.cat([p[n] for p in pieces]) for n in self.params}, states
-
-    # -- the two paths: each computes the whole step, then commits it ----------
-    # (so a step that raises leaves the state as it was and can be redone)
-    def step_vmap(self, batch) -> None:
-        x, y, w, qx, qy = batch
-        params, states = self._updated(self._adapt_grads[w is not None](self.params, x, y, w))
+    def _update(self, grads: dict) -> None:
+        """One update of every group."""
+        if not self.second_order:
+            n = self.flat.shape[0]
+            torch.cat([g.reshape(n, -1) for g in grads.values()], dim=1, out=self.flat_grads)
+            grads = self.grads
+        pieces = [update(self._rows(self.params, group.rows), self._rows(grads, group.rows))
+                  for group, update in zip(self.chunk.groups, self.updates)]
         if self.second_order:
-            query_grads, loss = None, self._query_vmapped(params, qx, qy, None)
-        else:
-            query_grads, loss = self._query_vmapped(params, qx, qy, None)
-        self._commit(params, states, query_grads, loss)
+            self.params = pieces[0] if len(pieces) == 1 else {n: torch.cat([p[n] for p in pieces]) for n in self.params}
 
-    def step_loop(self, batch, channels_last: bool = False) -> None:
+    def step(self, batch, gradients: str = "vmap", channels_last: bool = False) -> None:
+        """One step, with the "vmap" or "loop" gradients. The update is done (and
+        kept) before the query: a step redone after its query failed resumes there."""
         x, y, w, qx, qy = batch
         if channels_last:
             x, qx = _channels_last(x), _channels_last(qx)
+        vmapped = gradients == "vmap"
+        if self._updates_done == len(self.losses):
+            self._update(self._adapt_grads[w is not None](self.params, x, y, w) if vmapped else self._loop_grads(x, y))
+            self._updates_done += 1
+        if vmapped and self.second_order:
+            query_grads, loss = None, self._query_vmapped(self.params, qx, qy, None)
+        elif vmapped:
+            query_grads, loss = self._query_vmapped(self.params, qx, qy, None)
+        else:
+            query_grads, loss = self._loop_query(qx, qy)
+        self.losses.append(loss)
+        for n, g in (query_grads or {}).items():
+            self.query_grad_sum[n] += g
+
+    def _loop_grads(self, x, y) -> dict:
         grads = {n: [] for n in self.params}
         for j, size in enumerate(self.chunk.batch_sizes):
             # unpadded: the ordinary kernels on this trajectory's real batch
-            g, _ = self._autograd(self.adapt, self.params, j, tuple(t[j, :size] for t in x), y[j, :size])
+            g, _ = self._autograd(self.adapt, j, tuple(t[j, :size] for t in x), y[j, :size])
             for n in grads:
                 grads[n].append(g[n])
-        params, states = self._updated({n: torch.stack(g) for n, g in grads.items()})
-        query_grads = {n: [] for n in params}
+        return {n: torch.stack(g) for n, g in grads.items()}
+
+    def _loop_query(self, qx, qy) -> tuple[dict | None, Tensor]:
+        query_grads = {n: [] for n in self.params}
         losses = []
         for j in range(len(self.chunk.batch_sizes)):
-            g, loss = self._autograd(self.query, params, j, tuple(t[j] for t in qx), qy[j], need_grad=not self.second_order)
+            g, loss = self._autograd(self.query, j, tuple(t[j] for t in qx), qy[j], need_grad=not self.second_order)
             losses.append(loss)
             for n in query_grads if g is not None else ():
                 query_grads[n].append(g[n])
-        stacked_query = None if self.second_order else {n: torch.stack(g) for n, g in query_grads.items()}
-        self._commit(params, states, stacked_query, torch.stack(losses))
+        stacked = None if self.second_order else {n: torch.stack(g) for n, g in query_grads.items()}
+        return stacked, torch.stack(losses)
 
-    def _autograd(self, objective, stacked, j, inputs, targets, need_grad=True):
+    def _autograd(self, objective, j, inputs, targets, need_grad=True):
         """Plain-autograd gradient of trajectory j's objective (no functorch: any op works)."""
         if self.second_order:
-            params = {n: p[j] for n, p in stacked.items()}  # views inside the meta graph
+            params = {n: p[j] for n, p in self.params.items()}  # views inside the meta graph
         else:
-            params = {n: p[j].detach().requires_grad_(True) for n, p in stacked.items()}
+            params = {n: p[j].detach().requires_grad_(True) for n, p in self.params.items()}
         loss = objective(params, inputs, targets, None)
         if not need_grad:
             return None, loss
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=self.second_order, allow_unused=True)
         out = {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(params, grads)}
         return out, loss if self.second_order else loss.detach()
-
-    def _commit(self, params, states, query_grads, loss) -> None:
-        self.params, self.states = params, states
-        self.losses.append(loss)
-        if query_grads is not None:
-            for n, g in query_grads.items():
-                self.query_grad_sum[n] += g
 
 
 def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[ChunkRunner, str]:
@@ -197,9 +253,9 @@ def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[Chunk
     """
     runner = ChunkRunner(chunk)
     variants = {
-        "vmap": runner.step_vmap,
-        "loop": runner.step_loop,
-        "loop_channels_last": functools.partial(runner.step_loop, channels_last=True),
+        "vmap": runner.step,
+        "loop": functools.partial(runner.step, gradients="loop"),
+        "loop_channels_last": functools.partial(runner.step, gradients="loop", channels_last=True),
     }
     chosen = path if path != "auto" else _PATH_CACHE.get(signature)
     timings: dict[str, list[float]] = {}
@@ -224,7 +280,7 @@ def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[Chunk
             # e.g. a loss built on an autograd.Function without functorch support
             warnings.warn(f"simulate: the vmap path failed ({exc}); using the loop path", RuntimeWarning, stacklevel=2)
             chosen = _PATH_CACHE[signature] = "loop"
-            runner.step_loop(batch)
+            variants["loop"](batch)
             continue
         timings[trial].append(time.perf_counter() - start)
         if k == _CALIBRATION_ROUNDS * len(timings) - 1:
