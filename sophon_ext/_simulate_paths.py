@@ -27,8 +27,10 @@ batch sizes, device, threads).
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -43,6 +45,16 @@ from .optim.functional import FunctionalOptimizer
 
 # (signature) -> "vmap" | "loop"; filled by timing the first steps of a run.
 _PATH_CACHE: dict[tuple, str] = {}
+# The candidates of the auto path: name -> ChunkRunner.step options.
+VARIANTS = {
+    "vmap": {},
+    "loop": dict(gradients="loop"),
+    "loop_channels_last": dict(gradients="loop", channels_last=True),
+    "loop_threads": dict(gradients="loop", threads=True),
+    "loop_threads_channels_last": dict(gradients="loop", channels_last=True, threads=True),
+}
+# (workers, pool) of the threaded loop.
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
 # Steps timed per candidate before choosing (the first of each is a warm-up).
 _CALIBRATION_ROUNDS = 2
 
@@ -155,17 +167,17 @@ class ChunkRunner:
             self.flat_grads = torch.zeros_like(self.flat)
             self.params, self.grads = flat_views(self.flat, shapes), flat_views(self.flat_grads, shapes)
         self.updates = [self._group_update(g) for g in chunk.groups]
-        self.adapt = _objective(chunk.model, chunk.adaptation_loss)
-        self.query = _objective(chunk.model, chunk.suppression_loss)
+        adapt, query = _objective(chunk.model, chunk.adaptation_loss), _objective(chunk.model, chunk.suppression_loss)
         self.losses: list[Tensor] = []  # per step, (n,)
         self._updates_done = 0
+        self._models: list[nn.Module] = []  # model copies of the loop's worker threads
         self.query_grad_sum = None if self.second_order else {n: torch.zeros_like(p) for n, p in self.params.items()}
         # the padding weight is None when every batch of the chunk has the same size
         self._adapt_grads = {
-            padded: vmap(grad(self.adapt), in_dims=(0, 0, 0, 0 if padded else None), randomness="different")
+            padded: vmap(grad(adapt), in_dims=(0, 0, 0, 0 if padded else None), randomness="different")
             for padded in (False, True)
         }
-        query = self.query if self.second_order else grad_and_value(self.query)
+        query = query if self.second_order else grad_and_value(query)
         self._query_vmapped = vmap(query, in_dims=(0, 0, 0, None), randomness="different")
 
     def _group_update(self, group: UpdateGroup):
@@ -189,53 +201,64 @@ class ChunkRunner:
         if self.second_order:
             self.params = pieces[0] if len(pieces) == 1 else {n: torch.cat([p[n] for p in pieces]) for n in self.params}
 
-    def step(self, batch, gradients: str = "vmap", channels_last: bool = False) -> None:
-        """One step, with the "vmap" or "loop" gradients. The update is done (and
-        kept) before the query: a step redone after its query failed resumes there."""
+    def step(self, batch, gradients: str = "vmap", channels_last: bool = False, threads: bool = False) -> None:
+        """One step, with the "vmap" or "loop" gradients (``threads``: the loop's
+        trajectories spread over worker threads). The update is done (and kept)
+        before the query: a step redone after its query failed resumes there."""
         x, y, w, qx, qy = batch
         if channels_last:
             x, qx = _channels_last(x), _channels_last(qx)
         vmapped = gradients == "vmap"
         if self._updates_done == len(self.losses):
-            self._update(self._adapt_grads[w is not None](self.params, x, y, w) if vmapped else self._loop_grads(x, y))
+            if vmapped:
+                grads = self._adapt_grads[w is not None](self.params, x, y, w)
+            else:  # unpadded: the ordinary kernels on each trajectory's real batch
+                sizes = self.chunk.batch_sizes
+                grads = self._stacked(self._each_trajectory(lambda j, model: self._autograd(
+                    self.chunk.adaptation_loss, model, j, tuple(t[j, :sizes[j]] for t in x), y[j, :sizes[j]])[0], threads))
+            self._update(grads)
             self._updates_done += 1
         if vmapped and self.second_order:
             query_grads, loss = None, self._query_vmapped(self.params, qx, qy, None)
         elif vmapped:
             query_grads, loss = self._query_vmapped(self.params, qx, qy, None)
         else:
-            query_grads, loss = self._loop_query(qx, qy)
+            out = self._each_trajectory(lambda j, model: self._autograd(
+                self.chunk.suppression_loss, model, j, tuple(t[j] for t in qx), qy[j], need_grad=not self.second_order), threads)
+            query_grads = None if self.second_order else self._stacked([g for g, _ in out])
+            loss = torch.stack([loss for _, loss in out])
         self.losses.append(loss)
         for n, g in (query_grads or {}).items():
             self.query_grad_sum[n] += g
 
-    def _loop_grads(self, x, y) -> dict:
-        grads = {n: [] for n in self.params}
-        for j, size in enumerate(self.chunk.batch_sizes):
-            # unpadded: the ordinary kernels on this trajectory's real batch
-            g, _ = self._autograd(self.adapt, j, tuple(t[j, :size] for t in x), y[j, :size])
-            for n in grads:
-                grads[n].append(g[n])
-        return {n: torch.stack(g) for n, g in grads.items()}
+    @staticmethod
+    def _stacked(per_trajectory: list) -> dict:
+        return {n: torch.stack([g[n] for g in per_trajectory]) for n in per_trajectory[0]}
 
-    def _loop_query(self, qx, qy) -> tuple[dict | None, Tensor]:
-        query_grads = {n: [] for n in self.params}
-        losses = []
-        for j in range(len(self.chunk.batch_sizes)):
-            g, loss = self._autograd(self.query, j, tuple(t[j] for t in qx), qy[j], need_grad=not self.second_order)
-            losses.append(loss)
-            for n in query_grads if g is not None else ():
-                query_grads[n].append(g[n])
-        stacked = None if self.second_order else {n: torch.stack(g) for n, g in query_grads.items()}
-        return stacked, torch.stack(losses)
+    def _each_trajectory(self, task, threads: bool) -> list:
+        """``[task(j, model) for each trajectory j]``; ``threads``: spread over
+        worker threads, each with one intra-op thread and its own model copy
+        (``functional_call`` swaps a module's parameters while it runs)."""
+        n = len(self.chunk.batch_sizes)
+        if not threads:
+            return [task(j, self.chunk.model) for j in range(n)]
+        workers = min(n, torch.get_num_threads())
+        self._models += [copy.deepcopy(self.chunk.model) for _ in range(workers - len(self._models))]
+        blocks = [range(i, n, workers) for i in range(workers)]
+        out = [None] * n
+        for block, results in zip(blocks, _thread_pool(workers).map(
+                lambda block, model: [task(j, model) for j in block], blocks, self._models)):
+            for j, result in zip(block, results):
+                out[j] = result
+        return out
 
-    def _autograd(self, objective, j, inputs, targets, need_grad=True):
+    def _autograd(self, loss_fn, model, j, inputs, targets, need_grad=True):
         """Plain-autograd gradient of trajectory j's objective (no functorch: any op works)."""
         if self.second_order:
             params = {n: p[j] for n, p in self.params.items()}  # views inside the meta graph
         else:
             params = {n: p[j].detach().requires_grad_(True) for n, p in self.params.items()}
-        loss = objective(params, inputs, targets, None)
+        loss = _objective(model, loss_fn)(params, inputs, targets, None)
         if not need_grad:
             return None, loss
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=self.second_order, allow_unused=True)
@@ -243,27 +266,34 @@ class ChunkRunner:
         return out, loss if self.second_order else loss.detach()
 
 
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """The worker threads of the threaded loop (kept between calls), one intra-op thread each."""
+    global _POOL
+    if _POOL is None or _POOL[0] != workers:
+        _POOL = (workers, ThreadPoolExecutor(workers, "sophon-simulate", initializer=torch.set_num_threads, initargs=(1,)))
+    return _POOL[1]
+
+
 def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[ChunkRunner, str]:
     """Run every step; ``batches[k]()`` gives step k's stacked batch. Returns the runner and the path used.
 
     ``path="auto"`` with no cached choice: the first steps go round the
-    candidates twice (vmap, loop, and, for image inputs, loop with
-    channels-last activations, which oneDNN's convolutions often run
-    faster); the fastest second-round time wins and is cached.
+    candidates twice (vmap; loop; for image inputs, loop with channels-last
+    activations, which oneDNN's convolutions often run faster; with several
+    intra-op threads, the loops with their trajectories spread over that many
+    worker threads of one intra-op thread each, which small kernels scale
+    better with); the fastest second-round time wins and is cached.
     """
     runner = ChunkRunner(chunk)
-    variants = {
-        "vmap": runner.step,
-        "loop": functools.partial(runner.step, gradients="loop"),
-        "loop_channels_last": functools.partial(runner.step, gradients="loop", channels_last=True),
-    }
+    variants = {name: functools.partial(runner.step, **options) for name, options in VARIANTS.items()}
     chosen = path if path != "auto" else _PATH_CACHE.get(signature)
     timings: dict[str, list[float]] = {}
     for k in range(len(batches)):
         batch = batches[k]()
         if chosen is None and not timings:
             image_inputs = any(t.dim() == 5 and t.is_floating_point() for t in batch[0])  # (n, B, C, H, W)
-            candidates = [v for v in variants if image_inputs or v != "loop_channels_last"]
+            threads = torch.get_num_threads() > 1 and len(chunk.batch_sizes) > 1
+            candidates = [v for v in variants if (image_inputs or "channels_last" not in v) and (threads or "threads" not in v)]
             if len(batches) < _CALIBRATION_ROUNDS * len(candidates):
                 chosen = "loop"  # too few steps to time: the path that is never much slower
             timings = {v: [] for v in candidates}
