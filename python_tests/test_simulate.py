@@ -99,7 +99,7 @@ def auto_choice(variant):
 
     saved, _simulate_paths._PATH_CACHE = _simulate_paths._PATH_CACHE, Always()
     try:
-        yield "vmap" if variant == "vmap" else "loop"  # the path the result reports
+        yield "vmap" if variant.startswith("vmap") else "loop"  # the path the result reports
     finally:
         _simulate_paths._PATH_CACHE = saved
 

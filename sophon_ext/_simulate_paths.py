@@ -48,12 +48,13 @@ _PATH_CACHE: dict[tuple, str] = {}
 # The candidates of the auto path: name -> ChunkRunner.step options.
 VARIANTS = {
     "vmap": {},
+    "vmap_threads": dict(threads=True),
     "loop": dict(gradients="loop"),
     "loop_channels_last": dict(gradients="loop", channels_last=True),
     "loop_threads": dict(gradients="loop", threads=True),
     "loop_threads_channels_last": dict(gradients="loop", channels_last=True, threads=True),
 }
-# (workers, pool) of the threaded loop.
+# (workers, pool) of the threaded variants.
 _POOL: tuple[int, ThreadPoolExecutor] | None = None
 # Steps timed per candidate before choosing (the first of each is a warm-up).
 _CALIBRATION_ROUNDS = 2
@@ -145,6 +146,21 @@ def _channels_last(inputs: tuple) -> tuple:
                  for t in inputs)
 
 
+class _Worker:
+    """A model (the chunk's, or a copy for a worker thread) and the vmapped gradients through it."""
+
+    def __init__(self, model: nn.Module, chunk: Chunk, second_order: bool):
+        self.model = model
+        adapt, query = _objective(model, chunk.adaptation_loss), _objective(model, chunk.suppression_loss)
+        # the padding weight is None when every batch of the chunk has the same size
+        self.adapt_vmapped = {
+            padded: vmap(grad(adapt), in_dims=(0, 0, 0, 0 if padded else None), randomness="different")
+            for padded in (False, True)
+        }
+        self.query_vmapped = vmap(query if second_order else grad_and_value(query), in_dims=(0, 0, 0, None),
+                                  randomness="different")
+
+
 class ChunkRunner:
     """Steps a :class:`Chunk` with the vmap or loop gradients; accumulates query losses and gradients.
 
@@ -167,18 +183,10 @@ class ChunkRunner:
             self.flat_grads = torch.zeros_like(self.flat)
             self.params, self.grads = flat_views(self.flat, shapes), flat_views(self.flat_grads, shapes)
         self.updates = [self._group_update(g) for g in chunk.groups]
-        adapt, query = _objective(chunk.model, chunk.adaptation_loss), _objective(chunk.model, chunk.suppression_loss)
         self.losses: list[Tensor] = []  # per step, (n,)
         self._updates_done = 0
-        self._models: list[nn.Module] = []  # model copies of the loop's worker threads
         self.query_grad_sum = None if self.second_order else {n: torch.zeros_like(p) for n, p in self.params.items()}
-        # the padding weight is None when every batch of the chunk has the same size
-        self._adapt_grads = {
-            padded: vmap(grad(adapt), in_dims=(0, 0, 0, 0 if padded else None), randomness="different")
-            for padded in (False, True)
-        }
-        query = query if self.second_order else grad_and_value(query)
-        self._query_vmapped = vmap(query, in_dims=(0, 0, 0, None), randomness="different")
+        self._workers = [_Worker(chunk.model, chunk, self.second_order)]  # + model copies for worker threads
 
     def _group_update(self, group: UpdateGroup):
         params = self._rows(self.params, group.rows)
@@ -202,55 +210,69 @@ class ChunkRunner:
             self.params = pieces[0] if len(pieces) == 1 else {n: torch.cat([p[n] for p in pieces]) for n in self.params}
 
     def step(self, batch, gradients: str = "vmap", channels_last: bool = False, threads: bool = False) -> None:
-        """One step, with the "vmap" or "loop" gradients (``threads``: the loop's
-        trajectories spread over worker threads). The update is done (and kept)
-        before the query: a step redone after its query failed resumes there."""
+        """One step, with the "vmap" or "loop" gradients (``threads``: blocks of
+        trajectories on worker threads). The update is done (and kept) before
+        the query: a step redone after its query failed resumes there."""
         x, y, w, qx, qy = batch
         if channels_last:
             x, qx = _channels_last(x), _channels_last(qx)
         vmapped = gradients == "vmap"
         if self._updates_done == len(self.losses):
-            if vmapped:
-                grads = self._adapt_grads[w is not None](self.params, x, y, w)
-            else:  # unpadded: the ordinary kernels on each trajectory's real batch
-                sizes = self.chunk.batch_sizes
-                grads = self._stacked(self._each_trajectory(lambda j, model: self._autograd(
-                    self.chunk.adaptation_loss, model, j, tuple(t[j, :sizes[j]] for t in x), y[j, :sizes[j]])[0], threads))
-            self._update(grads)
+            adapt = self._vmap_adapt if vmapped else self._loop_adapt
+            self._update(self._blocks(functools.partial(adapt, x, y, w), threads)[0])
             self._updates_done += 1
-        if vmapped and self.second_order:
-            query_grads, loss = None, self._query_vmapped(self.params, qx, qy, None)
-        elif vmapped:
-            query_grads, loss = self._query_vmapped(self.params, qx, qy, None)
-        else:
-            out = self._each_trajectory(lambda j, model: self._autograd(
-                self.chunk.suppression_loss, model, j, tuple(t[j] for t in qx), qy[j], need_grad=not self.second_order), threads)
-            query_grads = None if self.second_order else self._stacked([g for g, _ in out])
-            loss = torch.stack([loss for _, loss in out])
+        query_grads, loss = self._blocks(functools.partial(self._vmap_query if vmapped else self._loop_query, qx, qy), threads)
         self.losses.append(loss)
         for n, g in (query_grads or {}).items():
             self.query_grad_sum[n] += g
+
+    # -- the gradients of a block of rows: (stacked grads or None, losses or None) --
+    def _vmap_adapt(self, x, y, w, rows: slice, worker: _Worker):
+        padded = w is not None
+        params, inputs = self._rows(self.params, rows), tuple(t[rows] for t in x)
+        return worker.adapt_vmapped[padded](params, inputs, y[rows], w[rows] if padded else None), None
+
+    def _vmap_query(self, qx, qy, rows: slice, worker: _Worker):
+        out = worker.query_vmapped(self._rows(self.params, rows), tuple(t[rows] for t in qx), qy[rows], None)
+        return (None, out) if self.second_order else out
+
+    def _loop_adapt(self, x, y, w, rows: slice, worker: _Worker):
+        sizes = self.chunk.batch_sizes  # unpadded: the ordinary kernels on each trajectory's real batch
+        grads = [self._autograd(self.chunk.adaptation_loss, worker.model, j, tuple(t[j, :sizes[j]] for t in x), y[j, :sizes[j]])[0]
+                 for j in range(rows.start, rows.stop)]
+        return self._stacked(grads), None
+
+    def _loop_query(self, qx, qy, rows: slice, worker: _Worker):
+        out = [self._autograd(self.chunk.suppression_loss, worker.model, j, tuple(t[j] for t in qx), qy[j], need_grad=not self.second_order)
+               for j in range(rows.start, rows.stop)]
+        return None if self.second_order else self._stacked([g for g, _ in out]), torch.stack([loss for _, loss in out])
 
     @staticmethod
     def _stacked(per_trajectory: list) -> dict:
         return {n: torch.stack([g[n] for g in per_trajectory]) for n in per_trajectory[0]}
 
-    def _each_trajectory(self, task, threads: bool) -> list:
-        """``[task(j, model) for each trajectory j]``; ``threads``: spread over
-        worker threads, each with one intra-op thread and its own model copy
-        (``functional_call`` swaps a module's parameters while it runs)."""
+    def _blocks(self, task, threads: bool):
+        """``task(rows, worker)`` over the whole chunk; ``threads``: over contiguous
+        blocks of rows, one per worker thread, each with its own model copy
+        (``functional_call`` swaps a module's parameters while it runs) and its
+        share of the intra-op threads. Results are concatenated in row order."""
         n = len(self.chunk.batch_sizes)
         if not threads:
-            return [task(j, self.chunk.model) for j in range(n)]
-        workers = min(n, torch.get_num_threads())
-        self._models += [copy.deepcopy(self.chunk.model) for _ in range(workers - len(self._models))]
-        blocks = [range(i, n, workers) for i in range(workers)]
-        out = [None] * n
-        for block, results in zip(blocks, _thread_pool(workers).map(
-                lambda block, model: [task(j, model) for j in block], blocks, self._models)):
-            for j, result in zip(block, results):
-                out[j] = result
-        return out
+            return task(slice(0, n), self._workers[0])
+        threads = torch.get_num_threads()
+        count = min(n, threads)
+        while len(self._workers) < count:
+            self._workers.append(_Worker(copy.deepcopy(self.chunk.model), self.chunk, self.second_order))
+        bounds = [n * i // count for i in range(count + 1)]
+
+        def run(rows, worker):
+            torch.set_num_threads(max(1, threads // count))  # this thread's own setting
+            return task(rows, worker)
+
+        parts = list(_thread_pool(count).map(run, [slice(a, b) for a, b in zip(bounds, bounds[1:])], self._workers))
+        grads, losses = zip(*parts)
+        return (None if grads[0] is None else {name: torch.cat([g[name] for g in grads]) for name in grads[0]},
+                None if losses[0] is None else torch.cat(losses))
 
     def _autograd(self, loss_fn, model, j, inputs, targets, need_grad=True):
         """Plain-autograd gradient of trajectory j's objective (no functorch: any op works)."""
@@ -267,22 +289,30 @@ class ChunkRunner:
 
 
 def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    """The worker threads of the threaded loop (kept between calls), one intra-op thread each."""
+    """``workers`` worker threads (kept between calls)."""
     global _POOL
     if _POOL is None or _POOL[0] != workers:
-        _POOL = (workers, ThreadPoolExecutor(workers, "sophon-simulate", initializer=torch.set_num_threads, initargs=(1,)))
+        _POOL = (workers, ThreadPoolExecutor(workers, "sophon-simulate"))
     return _POOL[1]
+
+
+def _candidates(image_inputs: bool, threads: bool) -> list[str]:
+    """The variants the auto path times: vmap and loop; for image inputs the loop
+    with channels-last activations (oneDNN's convolutions often run faster);
+    with several intra-op threads, vmap and loop over blocks of trajectories on
+    worker threads (small kernels scale better so than split over threads),
+    channels-last then only threaded (5 candidates: 10 steps to time them)."""
+    if not threads:
+        return ["vmap", "loop"] + (["loop_channels_last"] if image_inputs else [])
+    return ["vmap", "vmap_threads", "loop", "loop_threads"] + (["loop_threads_channels_last"] if image_inputs else [])
 
 
 def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[ChunkRunner, str]:
     """Run every step; ``batches[k]()`` gives step k's stacked batch. Returns the runner and the path used.
 
     ``path="auto"`` with no cached choice: the first steps go round the
-    candidates twice (vmap; loop; for image inputs, loop with channels-last
-    activations, which oneDNN's convolutions often run faster; with several
-    intra-op threads, the loops with their trajectories spread over that many
-    worker threads of one intra-op thread each, which small kernels scale
-    better with); the fastest second-round time wins and is cached.
+    candidates (:func:`_candidates`) twice; the fastest second-round time
+    wins and is cached.
     """
     runner = ChunkRunner(chunk)
     variants = {name: functools.partial(runner.step, **options) for name, options in VARIANTS.items()}
@@ -292,8 +322,7 @@ def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[Chunk
         batch = batches[k]()
         if chosen is None and not timings:
             image_inputs = any(t.dim() == 5 and t.is_floating_point() for t in batch[0])  # (n, B, C, H, W)
-            threads = torch.get_num_threads() > 1 and len(chunk.batch_sizes) > 1
-            candidates = [v for v in variants if (image_inputs or "channels_last" not in v) and (threads or "threads" not in v)]
+            candidates = _candidates(image_inputs, torch.get_num_threads() > 1 and len(chunk.batch_sizes) > 1)
             if len(batches) < _CALIBRATION_ROUNDS * len(candidates):
                 chosen = "loop"  # too few steps to time: the path that is never much slower
             timings = {v: [] for v in candidates}
@@ -305,7 +334,7 @@ def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[Chunk
         try:
             variants[trial](batch)
         except (RuntimeError, NotImplementedError) as exc:
-            if trial != "vmap" or is_out_of_memory(exc):
+            if not trial.startswith("vmap") or is_out_of_memory(exc):
                 raise
             # e.g. a loss built on an autograd.Function without functorch support
             warnings.warn(f"simulate: the vmap path failed ({exc}); using the loop path", RuntimeWarning, stacklevel=2)
@@ -316,4 +345,4 @@ def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[Chunk
         if k == _CALIBRATION_ROUNDS * len(timings) - 1:
             # the first round includes one-off costs (allocations, lazy imports): compare the last
             chosen = _PATH_CACHE[signature] = min(timings, key=lambda v: timings[v][-1])
-    return runner, "vmap" if chosen == "vmap" else "loop"
+    return runner, "vmap" if chosen.startswith("vmap") else "loop"
