@@ -20,9 +20,10 @@ read and write the same stacked state:
 - ``loop``: forward/backward trajectory by trajectory with the ordinary
   kernels (no padding).
 
-``auto`` times them (and the loop with channels-last image inputs) on the
-first steps and keeps the fastest (cached per signature: model, shapes,
-batch sizes, device, threads).
+Either can run over blocks of trajectories on worker threads. ``auto`` times
+these variants (and the loop with channels-last image inputs) on the first
+steps and keeps the fastest (cached per signature: model, shapes, batch
+sizes, device, threads).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from __future__ import annotations
 import copy
 import functools
 import time
-from concurrent.futures import ThreadPoolExecutor
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,7 +44,7 @@ from ._simulate_memory import is_out_of_memory
 from .optim.fused import FUSED_KINDS, FusedMultiTrajectoryOptimizer, flat_views
 from .optim.functional import FunctionalOptimizer
 
-# (signature) -> "vmap" | "loop"; filled by timing the first steps of a run.
+# (signature) -> a name in VARIANTS; filled by timing the first steps of a run.
 _PATH_CACHE: dict[tuple, str] = {}
 # The candidates of the auto path: name -> ChunkRunner.step options.
 VARIANTS = {
@@ -259,14 +260,14 @@ class ChunkRunner:
         n = len(self.chunk.batch_sizes)
         if not threads:
             return task(slice(0, n), self._workers[0])
-        threads = torch.get_num_threads()
-        count = min(n, threads)
+        total = torch.get_num_threads()
+        count = min(n, total)
         while len(self._workers) < count:
             self._workers.append(_Worker(copy.deepcopy(self.chunk.model), self.chunk, self.second_order))
         bounds = [n * i // count for i in range(count + 1)]
 
         def run(rows, worker):
-            torch.set_num_threads(max(1, threads // count))  # this thread's own setting
+            torch.set_num_threads(max(1, total // count))  # this thread's own setting
             return task(rows, worker)
 
         parts = list(_thread_pool(count).map(run, [slice(a, b) for a, b in zip(bounds, bounds[1:])], self._workers))
