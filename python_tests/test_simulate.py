@@ -133,15 +133,29 @@ def test_every_method_and_optimizer_matches_the_sequential_loop():
     assert torch.get_num_threads() == threads  # the worker threads' setting stays theirs
 
 
-@pytest.mark.parametrize("path", ["vmap", "chunked", "loop", "auto"])
-def test_mixed_batch_sizes_run_padded_and_match(path):
+def mixed_batch_sizes():
     # no BatchNorm: batch sizes 3, 6 and 9 share one padded, weighted batch
     model, data = tiny_cnn(norm="none", seed=1), pool(seed=1)
     strategies = [FineTuneStrategy("sgd_momentum", 0.05, b, 4, m, seed=b) for b, m in
                   [(3, "full"), (6, "reinit_head"), (9, "head_only"), (6, "full")]]
+    return model, data, strategies
+
+
+@pytest.mark.parametrize("path", ["vmap", "chunked", "loop", "auto"])
+def test_mixed_batch_sizes_run_padded_and_match(path):
+    model, data, strategies = mixed_batch_sizes()
     result = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=5, path=path, chunk_size=3 if path == "chunked" else None,
                       generator=torch.Generator().manual_seed(4), return_params=True)
     assert result.path == path or path == "auto"
+    assert_matches_reference(model, strategies, data, result, 5, seed=4)
+
+
+@pytest.mark.parametrize("variant", ["vmap_threads", "loop_threads"])
+def test_threaded_variants_run_mixed_batch_sizes_and_match(variant):
+    model, data, strategies = mixed_batch_sizes()
+    with auto_choice(variant):
+        result = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=5,
+                          generator=torch.Generator().manual_seed(4), return_params=True)
     assert_matches_reference(model, strategies, data, result, 5, seed=4)
 
 
