@@ -14,7 +14,7 @@ from sophon_ext.optim import (
     make_torch_optimizer,
     torch_optimizer_kwargs,
 )
-from sophon_ext.optim.fused import _check_arguments, multi_step_update_op
+from sophon_ext.optim.fused import _check_arguments, flat_views, multi_step_update_op
 
 # (kind, nesterov) pairs; sgd covers plain, momentum+dampening and Nesterov rows
 KINDS = [("sgd", False), ("sgd", True), ("adam", False), ("adamw", False), ("lion", False)]
@@ -180,6 +180,22 @@ def test_stacked_params_and_functional_state_round_trip():
     for k in params:
         torch.testing.assert_close(fused.params[k], ref[k], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fused.functional_state(), state, rtol=1e-12, atol=1e-12)
+
+
+def test_given_buffers_are_updated_in_place():
+    # rows 1..2 of a larger (3, P) buffer: the optimizer works on them without copying
+    flat, flat_grads = torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
+    views = flat_views(flat[1:], {"w": (2, 3), "b": (1,)})
+    expected = {k: v.clone() for k, v in views.items()}
+    fused = FusedMultiTrajectoryOptimizer(views, "sgd", {"lr": 0.5}, buffers=(flat[1:], flat_grads[1:]))
+    before = flat[0].clone()
+    fused.step()
+    grads = flat_views(flat_grads[1:], {"w": (2, 3), "b": (1,)})
+    for k in views:
+        torch.testing.assert_close(views[k], expected[k] - 0.5 * grads[k])
+    assert fused.flat_params.data_ptr() == flat[1:].data_ptr() and torch.equal(flat[0], before)
+    with pytest.raises(ValueError, match=r"buffers: flat_grads must be a contiguous \(2, 7\)"):
+        FusedMultiTrajectoryOptimizer(views, "sgd", buffers=(flat[1:], flat_grads[1:, :6]))
 
 
 def _op_args(kind="adam", n=2, size=5, dtype=torch.float32, **override):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sophon_ext import FineTuneStrategy, StrategySampler, simulate
+from sophon_ext._simulate_paths import VARIANTS
 from sophon_ext._simulate_reference import simulate_sequential
 from sophon_ext.models import SmallCNN
 from sophon_ext.optim.presets import PRESETS
@@ -86,6 +88,22 @@ def every_method_and_optimizer(batch_size=5, steps=3):
     return out
 
 
+@contextlib.contextmanager
+def auto_choice(variant):
+    """path="auto" runs ``variant`` (a candidate of the auto path) without timing."""
+    from sophon_ext import _simulate_paths
+
+    class Always(dict):
+        def get(self, key, default=None):
+            return variant
+
+    saved, _simulate_paths._PATH_CACHE = _simulate_paths._PATH_CACHE, Always()
+    try:
+        yield "vmap" if variant.startswith("vmap") else "loop"  # the path the result reports
+    finally:
+        _simulate_paths._PATH_CACHE = saved
+
+
 def assert_matches_reference(model, strategies, data, result, query_size, seed, loss=kl_uniform, adapt=cross_entropy,
                              reference=None):
     losses, meta, adapted = reference or simulate_sequential(model, strategies, data, adapt, loss, query_size=query_size,
@@ -104,23 +122,40 @@ def test_every_method_and_optimizer_matches_the_sequential_loop():
     strategies = every_method_and_optimizer(steps=2)  # 2 steps: the second uses the optimizer state
     reference = simulate_sequential(model, strategies, data, cross_entropy, kl_uniform, query_size=4,
                                     generator=torch.Generator().manual_seed(3))
-    for path in ("vmap", "loop"):
-        result = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, path=path,
-                          generator=torch.Generator().manual_seed(3), return_params=True)
+    threads = torch.get_num_threads()
+    for variant in VARIANTS:  # every candidate of the auto path
+        with auto_choice(variant) as path:
+            result = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4,
+                              generator=torch.Generator().manual_seed(3), return_params=True)
         assert result.query_losses.shape == (len(strategies), 2)
         assert result.path == path
         assert_matches_reference(model, strategies, data, result, 4, seed=3, reference=reference)
+    assert torch.get_num_threads() == threads  # the worker threads' setting stays theirs
 
 
-@pytest.mark.parametrize("path", ["vmap", "chunked", "loop", "auto"])
-def test_mixed_batch_sizes_run_padded_and_match(path):
+def mixed_batch_sizes():
     # no BatchNorm: batch sizes 3, 6 and 9 share one padded, weighted batch
     model, data = tiny_cnn(norm="none", seed=1), pool(seed=1)
     strategies = [FineTuneStrategy("sgd_momentum", 0.05, b, 4, m, seed=b) for b, m in
                   [(3, "full"), (6, "reinit_head"), (9, "head_only"), (6, "full")]]
+    return model, data, strategies
+
+
+@pytest.mark.parametrize("path", ["vmap", "chunked", "loop", "auto"])
+def test_mixed_batch_sizes_run_padded_and_match(path):
+    model, data, strategies = mixed_batch_sizes()
     result = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=5, path=path, chunk_size=3 if path == "chunked" else None,
                       generator=torch.Generator().manual_seed(4), return_params=True)
     assert result.path == path or path == "auto"
+    assert_matches_reference(model, strategies, data, result, 5, seed=4)
+
+
+@pytest.mark.parametrize("variant", ["vmap_threads", "loop_threads"])
+def test_threaded_variants_run_mixed_batch_sizes_and_match(variant):
+    model, data, strategies = mixed_batch_sizes()
+    with auto_choice(variant):
+        result = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=5,
+                          generator=torch.Generator().manual_seed(4), return_params=True)
     assert_matches_reference(model, strategies, data, result, 5, seed=4)
 
 
@@ -216,17 +251,18 @@ class TanhNet(nn.Module):
         return self.head(self.body(x))
 
 
-@pytest.mark.parametrize("path", ["vmap", "loop"])
-def test_second_order_meta_gradient_matches_finite_differences(path):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_second_order_meta_gradient_matches_finite_differences(variant):
     torch.manual_seed(0)
     model = TanhNet().to(DTYPE)
     g = torch.Generator().manual_seed(0)
     data = ((torch.randn(30, 4, generator=g, dtype=DTYPE),), torch.randint(0, 3, (30,), generator=g))
     strategies = [FineTuneStrategy("sgd_momentum", 0.3, 6, 3, "full"), FineTuneStrategy("adam", 0.05, 6, 3, "reinit_head", seed=4),
                   FineTuneStrategy("rmsprop", 0.01, 6, 3, "freeze_first", layers=1, hparams={"weight_decay": 0.1})]
-    kwargs = dict(query_size=5, path=path)
-    result = simulate(model, strategies, data, cross_entropy, kl_uniform, order="second", generator=torch.Generator().manual_seed(2), **kwargs)
-    first = simulate(model, strategies, data, cross_entropy, kl_uniform, generator=torch.Generator().manual_seed(2), **kwargs)
+    with auto_choice(variant):
+        result = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=5, order="second",
+                          generator=torch.Generator().manual_seed(2))
+        first = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=5, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(result.query_losses, first.query_losses)
     direction = {n: torch.randn(p.shape, generator=g, dtype=DTYPE) for n, p in model.named_parameters()}
 
@@ -299,15 +335,15 @@ def test_memory_estimate_chunks_and_out_of_memory_splits(monkeypatch):
     torch.testing.assert_close(small.query_losses, whole.query_losses)
     monkeypatch.undo()
     # an out-of-memory error in a chunk of several trajectories splits it in halves and retries
-    real_step, sizes = ChunkRunner.step_vmap, []
+    real_step, sizes = ChunkRunner.step, []
 
-    def failing_step(self, batch):
+    def failing_step(self, batch, *args, **kwargs):
         sizes.append(len(self.chunk.batch_sizes))
         if len(self.chunk.batch_sizes) > 1:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_step(self, batch)
+        return real_step(self, batch, *args, **kwargs)
 
-    monkeypatch.setattr(ChunkRunner, "step_vmap", failing_step)
+    monkeypatch.setattr(ChunkRunner, "step", failing_step)
     split = run(path="vmap")
     assert split.path == "chunked" and split.chunk_size == 1 and sizes[:3] == [4, 2, 1]
     torch.testing.assert_close(split.query_losses, whole.query_losses)
@@ -321,13 +357,13 @@ def test_auto_path_times_every_candidate_and_caches_its_choice():
     from sophon_ext import _simulate_paths
 
     model, data = tiny_cnn(norm="none", seed=3), pool()
-    # 6 steps: two rounds of vmap, loop, loop with channels-last inputs, all in one trajectory
-    strategies = [FineTuneStrategy("sgd_momentum", 0.05, 5, 6, seed=i) for i in range(3)]
+    # 10 steps: two rounds of every candidate (vmap, the loops with and without channels-last inputs and threads)
+    strategies = [FineTuneStrategy("sgd_momentum", 0.05, 5, 10, seed=i) for i in range(3)]
     _simulate_paths._PATH_CACHE.clear()
     first = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, generator=torch.Generator().manual_seed(0),
                      return_params=True)
     assert first.path in ("vmap", "loop")
-    assert list(_simulate_paths._PATH_CACHE.values())[0] in ("vmap", "loop", "loop_channels_last")
+    assert list(_simulate_paths._PATH_CACHE.values())[0] in VARIANTS
     assert_matches_reference(model, strategies, data, first, 4, seed=0)
     again = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, generator=torch.Generator().manual_seed(0))
     assert again.path == first.path and len(_simulate_paths._PATH_CACHE) == 1
@@ -357,7 +393,7 @@ def test_auto_falls_back_to_the_loop_when_vmap_cannot_run_the_loss():
 
     _simulate_paths._PATH_CACHE.clear()
     model, data = tiny_cnn(norm="none", seed=4), pool()
-    strategies = [FineTuneStrategy("sgd", 0.05, 5, 6, seed=i) for i in range(2)]  # 6: room to time every candidate
+    strategies = [FineTuneStrategy("sgd", 0.05, 5, 10, seed=i) for i in range(2)]  # 10: room to time every candidate
     run = lambda path: simulate(model, strategies, data, cross_entropy, old_style_loss, query_size=4, path=path,  # noqa: E731
                                 generator=torch.Generator().manual_seed(0), return_params=True)
     with pytest.raises(RuntimeError, match="functorch"):

@@ -95,23 +95,18 @@ def stacked_batch(inputs, targets, indices: Sequence[Tensor], transforms: Sequen
     one. Returns ``(inputs, targets, weight)``; ``weight`` is None when no
     batch needed padding.
     """
-    longest = max(int(i.numel()) for i in indices)
-    padded, weights = [], []
-    for index in indices:
-        size = int(index.numel())
-        reps = -(-longest // size)
-        padded.append(index.repeat(reps)[:longest])
-        weights.append(torch.arange(longest) < size)
-    flat = torch.stack(padded)
+    sizes = [int(i.numel()) for i in indices]
+    longest = max(sizes)
+    flat = torch.stack([i if size == longest else i.repeat(-(-longest // size))[:longest] for i, size in zip(indices, sizes)])
     x, y = take(inputs, targets, flat.reshape(-1), device)
     x = tuple(t.reshape(len(indices), longest, *t.shape[1:]) for t in x)
     y = y.reshape(len(indices), longest, *y.shape[1:])
     if any(t is not None for t in transforms):
         per_trajectory = [apply_transform(f, tuple(t[j] for t in x)) for j, f in enumerate(transforms)]
         x = tuple(torch.stack(parts) for parts in zip(*per_trajectory))
-    if all(int(i.numel()) == longest for i in indices):
+    if min(sizes) == longest:
         return x, y, None
-    weight = torch.stack(weights).to(device=device, dtype=_float_dtype(x))
+    weight = (torch.arange(longest) < torch.tensor(sizes)[:, None]).to(device=device, dtype=_float_dtype(x))
     return x, y, weight
 
 

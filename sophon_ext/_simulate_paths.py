@@ -1,10 +1,14 @@
 """Running one chunk of trajectories, step by step.
 
-State is one stacked tensor per parameter (n, ...) plus each optimizer
-group's stacked functional-optimizer state: N copies of parameters and
-optimizer state, one module. Forward/backward passes run over the whole chunk
-whatever the optimizers; only the update runs per :class:`UpdateGroup` (a
-contiguous row range sharing an optimizer base and static hyperparameters).
+State: N copies of parameters and optimizer state, one module. First order
+keeps the parameters in one flat (n, P) buffer updated in place; second
+order keeps one stacked tensor per parameter (n, ...), new at every step (the
+meta-gradient differentiates through the updates). Forward/backward passes
+run over the whole chunk whatever the optimizers; only the update runs per
+:class:`UpdateGroup` (a contiguous row range sharing an optimizer base and
+static hyperparameters): first order with the fused multi-trajectory op
+where the base has one (sgd, adam, adamw, lion), otherwise with one vmapped
+call of the functional optimizer.
 
 Two ways to compute the gradients, interchangeable at any step because they
 read and write the same stacked state:
@@ -16,17 +20,19 @@ read and write the same stacked state:
 - ``loop``: forward/backward trajectory by trajectory with the ordinary
   kernels (no padding).
 
-Both then update every group with one vmapped call. ``auto`` times them
-(and the loop with channels-last image inputs) on the first steps and keeps
-the fastest (cached per signature: model, shapes, batch sizes, device,
-threads).
+Either can run over blocks of trajectories on worker threads. ``auto`` times
+these variants (and the loop with channels-last image inputs) on the first
+steps and keeps the fastest (cached per signature: model, shapes, batch
+sizes, device, threads).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,10 +41,22 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from ._simulate_memory import is_out_of_memory
+from .optim.fused import FUSED_KINDS, FusedMultiTrajectoryOptimizer, flat_views
 from .optim.functional import FunctionalOptimizer
 
-# (signature) -> "vmap" | "loop"; filled by timing the first steps of a run.
+# (signature) -> a name in VARIANTS; filled by timing the first steps of a run.
 _PATH_CACHE: dict[tuple, str] = {}
+# The candidates of the auto path: name -> ChunkRunner.step options.
+VARIANTS = {
+    "vmap": {},
+    "vmap_threads": dict(threads=True),
+    "loop": dict(gradients="loop"),
+    "loop_channels_last": dict(gradients="loop", channels_last=True),
+    "loop_threads": dict(gradients="loop", threads=True),
+    "loop_threads_channels_last": dict(gradients="loop", channels_last=True, threads=True),
+}
+# (workers, pool) of the threaded variants.
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
 # Steps timed per candidate before choosing (the first of each is a warm-up).
 _CALIBRATION_ROUNDS = 2
 
@@ -86,14 +104,71 @@ def _update_function(group: UpdateGroup):
     return vmap(update, randomness="different")
 
 
+class _FunctionalUpdate:
+    """A group's update by its vmapped functional optimizer (differentiable: second
+    order, and first order for bases with no fused op). ``in_place``: write the new
+    values into the parameter tensors given (views of the chunk's flat buffer)."""
+
+    def __init__(self, group: UpdateGroup, params: dict, in_place: bool):
+        self.group, self.in_place = group, in_place
+        self.state = vmap(group.optimizer.init)(params)
+        self._update = _update_function(group)
+
+    def __call__(self, params: dict, grads: dict) -> dict:
+        new_params, self.state = self._update(params, grads, self.state, self.group.hp_varying, self.group.masks)
+        if not self.in_place:
+            return new_params
+        for name, value in new_params.items():
+            params[name].copy_(value)
+        return params
+
+
+class _FusedUpdate:
+    """A group's first-order update in place on its rows of the chunk's flat
+    parameter and gradient buffers: one fused op call (sgd, adam, adamw, lion)."""
+
+    def __init__(self, group: UpdateGroup, params: dict, flat: Tensor, flat_grads: Tensor):
+        hparams = {**group.hp_const, **group.hp_varying}
+        self.optimizer = FusedMultiTrajectoryOptimizer(params, group.optimizer.name, hparams,
+                                                       buffers=(flat[group.rows], flat_grads[group.rows]))
+        self.frozen = {name: ~trains for name, trains in group.masks.items()}
+
+    def __call__(self, params: dict, grads: dict) -> dict:
+        kept = {name: params[name][frozen] for name, frozen in self.frozen.items()}  # copies
+        self.optimizer.step()  # ``grads`` are already in the flat gradient buffer
+        for name, value in kept.items():
+            params[name][self.frozen[name]] = value  # frozen: keep the exact old value
+        return params
+
+
 def _channels_last(inputs: tuple) -> tuple:
     """(n, B, C, H, W) float inputs laid out so each trajectory's (B, C, H, W) slice is channels-last."""
     return tuple(t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) if t.dim() == 5 and t.is_floating_point() else t
                  for t in inputs)
 
 
+class _Worker:
+    """A model (the chunk's, or a copy for a worker thread) and the vmapped gradients through it."""
+
+    def __init__(self, model: nn.Module, chunk: Chunk, second_order: bool):
+        self.model = model
+        adapt, query = _objective(model, chunk.adaptation_loss), _objective(model, chunk.suppression_loss)
+        # the padding weight is None when every batch of the chunk has the same size
+        self.adapt_vmapped = {
+            padded: vmap(grad(adapt), in_dims=(0, 0, 0, 0 if padded else None), randomness="different")
+            for padded in (False, True)
+        }
+        self.query_vmapped = vmap(query if second_order else grad_and_value(query), in_dims=(0, 0, 0, None),
+                                  randomness="different")
+
+
 class ChunkRunner:
-    """Steps a :class:`Chunk` with the vmap or loop path; accumulates query losses and gradients."""
+    """Steps a :class:`Chunk` with the vmap or loop gradients; accumulates query losses and gradients.
+
+    First order keeps the parameters in one flat (n, P) buffer (``self.params``
+    are views of it) updated in place, by the fused op where the group's
+    optimizer has one; second order keeps a new stacked dict per step (the graph).
+    """
 
     def __init__(self, chunk: Chunk):
         self.chunk = chunk
@@ -103,111 +178,152 @@ class ChunkRunner:
             # still needs one for the inner gradients (a leaf nobody asks about)
             self.params = {n: p if p.requires_grad else p.detach().requires_grad_(True) for n, p in chunk.start.items()}
         else:
-            self.params = {n: p.detach() for n, p in chunk.start.items()}
-        self.states = [vmap(g.optimizer.init)(self._rows(self.params, g.rows)) for g in chunk.groups]
-        self.updates = [_update_function(g) for g in chunk.groups]
-        self.adapt = _objective(chunk.model, chunk.adaptation_loss)
-        self.query = _objective(chunk.model, chunk.suppression_loss)
+            n = len(chunk.batch_sizes)
+            shapes = {name: p.shape[1:] for name, p in chunk.start.items()}
+            self.flat = torch.cat([p.detach().reshape(n, -1) for p in chunk.start.values()], dim=1)
+            self.flat_grads = torch.zeros_like(self.flat)
+            self.params, self.grads = flat_views(self.flat, shapes), flat_views(self.flat_grads, shapes)
+        self.updates = [self._group_update(g) for g in chunk.groups]
         self.losses: list[Tensor] = []  # per step, (n,)
+        self._updates_done = 0
         self.query_grad_sum = None if self.second_order else {n: torch.zeros_like(p) for n, p in self.params.items()}
-        # the padding weight is None when every batch of the chunk has the same size
-        self._adapt_grads = {
-            padded: vmap(grad(self.adapt), in_dims=(0, 0, 0, 0 if padded else None), randomness="different")
-            for padded in (False, True)
-        }
-        query = self.query if self.second_order else grad_and_value(self.query)
-        self._query_vmapped = vmap(query, in_dims=(0, 0, 0, None), randomness="different")
+        self._workers = [_Worker(chunk.model, chunk, self.second_order)]  # + model copies for worker threads
+
+    def _group_update(self, group: UpdateGroup):
+        params = self._rows(self.params, group.rows)
+        if self.second_order or group.optimizer.name not in FUSED_KINDS:
+            return _FunctionalUpdate(group, params, in_place=not self.second_order)
+        return _FusedUpdate(group, params, self.flat, self.flat_grads)
 
     @staticmethod
     def _rows(tensors: dict, rows: slice) -> dict:
         return {n: t[rows] for n, t in tensors.items()}
 
-    def _updated(self, grads: dict) -> tuple[dict, list]:
-        """New (params, states) after one update of every group; nothing is assigned."""
-        pieces, states = [], []
-        for group, update, state in zip(self.chunk.groups, self.updates, self.states):
-            new_params, new_state = update(self._rows(self.params, group.rows), self._rows(grads, group.rows),
-                                           state, group.hp_varying, group.masks)
-            pieces.append(new_params)
-            states.append(new_state)
-        if len(pieces) == 1:
-            return pieces[0], states
-        return {n: torch.cat([p[n] for p in pieces]) for n in self.params}, states
-
-    # -- the two paths: each computes the whole step, then commits it ----------
-    # (so a step that raises leaves the state as it was and can be redone)
-    def step_vmap(self, batch) -> None:
-        x, y, w, qx, qy = batch
-        params, states = self._updated(self._adapt_grads[w is not None](self.params, x, y, w))
+    def _update(self, grads: dict) -> None:
+        """One update of every group."""
+        if not self.second_order:
+            n = self.flat.shape[0]
+            torch.cat([g.reshape(n, -1) for g in grads.values()], dim=1, out=self.flat_grads)
+            grads = self.grads
+        pieces = [update(self._rows(self.params, group.rows), self._rows(grads, group.rows))
+                  for group, update in zip(self.chunk.groups, self.updates)]
         if self.second_order:
-            query_grads, loss = None, self._query_vmapped(params, qx, qy, None)
-        else:
-            query_grads, loss = self._query_vmapped(params, qx, qy, None)
-        self._commit(params, states, query_grads, loss)
+            self.params = pieces[0] if len(pieces) == 1 else {n: torch.cat([p[n] for p in pieces]) for n in self.params}
 
-    def step_loop(self, batch, channels_last: bool = False) -> None:
+    def step(self, batch, gradients: str = "vmap", channels_last: bool = False, threads: bool = False) -> None:
+        """One step, with the "vmap" or "loop" gradients (``threads``: blocks of
+        trajectories on worker threads). The update is done (and kept) before
+        the query: a step redone after its query failed resumes there."""
         x, y, w, qx, qy = batch
         if channels_last:
             x, qx = _channels_last(x), _channels_last(qx)
-        grads = {n: [] for n in self.params}
-        for j, size in enumerate(self.chunk.batch_sizes):
-            # unpadded: the ordinary kernels on this trajectory's real batch
-            g, _ = self._autograd(self.adapt, self.params, j, tuple(t[j, :size] for t in x), y[j, :size])
-            for n in grads:
-                grads[n].append(g[n])
-        params, states = self._updated({n: torch.stack(g) for n, g in grads.items()})
-        query_grads = {n: [] for n in params}
-        losses = []
-        for j in range(len(self.chunk.batch_sizes)):
-            g, loss = self._autograd(self.query, params, j, tuple(t[j] for t in qx), qy[j], need_grad=not self.second_order)
-            losses.append(loss)
-            for n in query_grads if g is not None else ():
-                query_grads[n].append(g[n])
-        stacked_query = None if self.second_order else {n: torch.stack(g) for n, g in query_grads.items()}
-        self._commit(params, states, stacked_query, torch.stack(losses))
+        vmapped = gradients == "vmap"
+        if self._updates_done == len(self.losses):
+            adapt = self._vmap_adapt if vmapped else self._loop_adapt
+            self._update(self._blocks(functools.partial(adapt, x, y, w), threads)[0])
+            self._updates_done += 1
+        query_grads, loss = self._blocks(functools.partial(self._vmap_query if vmapped else self._loop_query, qx, qy), threads)
+        self.losses.append(loss)
+        for n, g in (query_grads or {}).items():
+            self.query_grad_sum[n] += g
 
-    def _autograd(self, objective, stacked, j, inputs, targets, need_grad=True):
+    # -- the gradients of a block of rows: (stacked grads or None, losses or None) --
+    def _vmap_adapt(self, x, y, w, rows: slice, worker: _Worker):
+        padded = w is not None
+        params, inputs = self._rows(self.params, rows), tuple(t[rows] for t in x)
+        return worker.adapt_vmapped[padded](params, inputs, y[rows], w[rows] if padded else None), None
+
+    def _vmap_query(self, qx, qy, rows: slice, worker: _Worker):
+        out = worker.query_vmapped(self._rows(self.params, rows), tuple(t[rows] for t in qx), qy[rows], None)
+        return (None, out) if self.second_order else out
+
+    def _loop_adapt(self, x, y, w, rows: slice, worker: _Worker):
+        sizes = self.chunk.batch_sizes  # unpadded: the ordinary kernels on each trajectory's real batch
+        grads = [self._autograd(self.chunk.adaptation_loss, worker.model, j, tuple(t[j, :sizes[j]] for t in x), y[j, :sizes[j]])[0]
+                 for j in range(rows.start, rows.stop)]
+        return self._stacked(grads), None
+
+    def _loop_query(self, qx, qy, rows: slice, worker: _Worker):
+        out = [self._autograd(self.chunk.suppression_loss, worker.model, j, tuple(t[j] for t in qx), qy[j], need_grad=not self.second_order)
+               for j in range(rows.start, rows.stop)]
+        return None if self.second_order else self._stacked([g for g, _ in out]), torch.stack([loss for _, loss in out])
+
+    @staticmethod
+    def _stacked(per_trajectory: list) -> dict:
+        return {n: torch.stack([g[n] for g in per_trajectory]) for n in per_trajectory[0]}
+
+    def _blocks(self, task, threads: bool):
+        """``task(rows, worker)`` over the whole chunk; ``threads``: over contiguous
+        blocks of rows, one per worker thread, each with its own model copy
+        (``functional_call`` swaps a module's parameters while it runs) and its
+        share of the intra-op threads. Results are concatenated in row order."""
+        n = len(self.chunk.batch_sizes)
+        if not threads:
+            return task(slice(0, n), self._workers[0])
+        total = torch.get_num_threads()
+        count = min(n, total)
+        while len(self._workers) < count:
+            self._workers.append(_Worker(copy.deepcopy(self.chunk.model), self.chunk, self.second_order))
+        bounds = [n * i // count for i in range(count + 1)]
+
+        def run(rows, worker):
+            torch.set_num_threads(max(1, total // count))  # this thread's own setting
+            return task(rows, worker)
+
+        parts = list(_thread_pool(count).map(run, [slice(a, b) for a, b in zip(bounds, bounds[1:])], self._workers))
+        grads, losses = zip(*parts)
+        return (None if grads[0] is None else {name: torch.cat([g[name] for g in grads]) for name in grads[0]},
+                None if losses[0] is None else torch.cat(losses))
+
+    def _autograd(self, loss_fn, model, j, inputs, targets, need_grad=True):
         """Plain-autograd gradient of trajectory j's objective (no functorch: any op works)."""
         if self.second_order:
-            params = {n: p[j] for n, p in stacked.items()}  # views inside the meta graph
+            params = {n: p[j] for n, p in self.params.items()}  # views inside the meta graph
         else:
-            params = {n: p[j].detach().requires_grad_(True) for n, p in stacked.items()}
-        loss = objective(params, inputs, targets, None)
+            params = {n: p[j].detach().requires_grad_(True) for n, p in self.params.items()}
+        loss = _objective(model, loss_fn)(params, inputs, targets, None)
         if not need_grad:
             return None, loss
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=self.second_order, allow_unused=True)
         out = {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(params, grads)}
         return out, loss if self.second_order else loss.detach()
 
-    def _commit(self, params, states, query_grads, loss) -> None:
-        self.params, self.states = params, states
-        self.losses.append(loss)
-        if query_grads is not None:
-            for n, g in query_grads.items():
-                self.query_grad_sum[n] += g
+
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """``workers`` worker threads (kept between calls)."""
+    global _POOL
+    if _POOL is None or _POOL[0] != workers:
+        _POOL = (workers, ThreadPoolExecutor(workers, "sophon-simulate"))
+    return _POOL[1]
+
+
+def _candidates(image_inputs: bool, threads: bool) -> list[str]:
+    """The variants the auto path times: vmap and loop; for image inputs the loop
+    with channels-last activations (oneDNN's convolutions often run faster);
+    with several intra-op threads, vmap and loop over blocks of trajectories on
+    worker threads (small kernels scale better so than split over threads),
+    channels-last then only threaded (5 candidates: 10 steps to time them)."""
+    if not threads:
+        return ["vmap", "loop"] + (["loop_channels_last"] if image_inputs else [])
+    return ["vmap", "vmap_threads", "loop", "loop_threads"] + (["loop_threads_channels_last"] if image_inputs else [])
 
 
 def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[ChunkRunner, str]:
     """Run every step; ``batches[k]()`` gives step k's stacked batch. Returns the runner and the path used.
 
     ``path="auto"`` with no cached choice: the first steps go round the
-    candidates twice (vmap, loop, and, for image inputs, loop with
-    channels-last activations, which oneDNN's convolutions often run
-    faster); the fastest second-round time wins and is cached.
+    candidates (:func:`_candidates`) twice; the fastest second-round time
+    wins and is cached.
     """
     runner = ChunkRunner(chunk)
-    variants = {
-        "vmap": runner.step_vmap,
-        "loop": runner.step_loop,
-        "loop_channels_last": functools.partial(runner.step_loop, channels_last=True),
-    }
+    variants = {name: functools.partial(runner.step, **options) for name, options in VARIANTS.items()}
     chosen = path if path != "auto" else _PATH_CACHE.get(signature)
     timings: dict[str, list[float]] = {}
     for k in range(len(batches)):
         batch = batches[k]()
         if chosen is None and not timings:
             image_inputs = any(t.dim() == 5 and t.is_floating_point() for t in batch[0])  # (n, B, C, H, W)
-            candidates = [v for v in variants if image_inputs or v != "loop_channels_last"]
+            candidates = _candidates(image_inputs, torch.get_num_threads() > 1 and len(chunk.batch_sizes) > 1)
             if len(batches) < _CALIBRATION_ROUNDS * len(candidates):
                 chosen = "loop"  # too few steps to time: the path that is never much slower
             timings = {v: [] for v in candidates}
@@ -219,15 +335,15 @@ def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[Chunk
         try:
             variants[trial](batch)
         except (RuntimeError, NotImplementedError) as exc:
-            if trial != "vmap" or is_out_of_memory(exc):
+            if not trial.startswith("vmap") or is_out_of_memory(exc):
                 raise
             # e.g. a loss built on an autograd.Function without functorch support
             warnings.warn(f"simulate: the vmap path failed ({exc}); using the loop path", RuntimeWarning, stacklevel=2)
             chosen = _PATH_CACHE[signature] = "loop"
-            runner.step_loop(batch)
+            variants["loop"](batch)
             continue
         timings[trial].append(time.perf_counter() - start)
         if k == _CALIBRATION_ROUNDS * len(timings) - 1:
             # the first round includes one-off costs (allocations, lazy imports): compare the last
             chosen = _PATH_CACHE[signature] = min(timings, key=lambda v: timings[v][-1])
-    return runner, "vmap" if chosen == "vmap" else "loop"
+    return runner, "vmap" if chosen.startswith("vmap") else "loop"

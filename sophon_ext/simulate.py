@@ -205,9 +205,12 @@ def simulate(model: nn.Module, strategies: Sequence[FineTuneStrategy], data, ada
     ``path``: "vmap" (one vmapped call per step), "chunked" (vmap over
     ``chunk_size`` trajectories at a time), "loop" (trajectory by trajectory
     forward/backward with the ordinary kernels, one batched optimizer update),
-    "auto" (times vmap, loop and loop with channels-last image inputs on the
-    first steps and keeps the fastest, cached per model signature, shapes and
-    device; falls back to loop if the losses cannot run under vmap). All
+    "auto" (times vmap, loop and loop with channels-last image inputs, and
+    with several intra-op threads vmap and loop over blocks of trajectories on
+    worker threads, on the first steps and keeps the fastest, cached per model
+    signature, shapes, device and threads; falls back to loop if the losses
+    cannot run under vmap). First-order updates run in place, with the fused
+    multi-trajectory op for sgd, adam, adamw and lion. All
     trajectories share the forward/backward passes; optimizers with
     different bases or static hyperparameters update in separate groups.
     BatchNorm models run different batch sizes in separate groups (padding

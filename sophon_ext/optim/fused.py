@@ -230,6 +230,16 @@ def _per_trajectory(base: str, hparams, n: int) -> dict[str, HyperParam]:
     return out
 
 
+def flat_views(flat: Tensor, shapes: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
+    """name -> ``(N, *shape)`` view of consecutive columns of ``flat`` (N, P), in the order of ``shapes``."""
+    views, offset = {}, 0
+    for name, shape in shapes.items():
+        size = math.prod(shape)
+        views[name] = flat[:, offset : offset + size].view(flat.shape[0], *shape)
+        offset += size
+    return views
+
+
 class FusedMultiTrajectoryOptimizer:
     """N trajectories' parameters in flat ``(N, P)`` buffers, updated by one op call.
 
@@ -242,11 +252,17 @@ class FusedMultiTrajectoryOptimizer:
             sequences/tensors) or a list of N dicts; torch.optim names
             (``lr``, ``momentum``, ``beta1``...), checked like torch.optim.
 
+        buffers: optional ``(flat_params, flat_grads)``, contiguous ``(N, P)``
+            tensors (``P`` the total size of ``params``, laid out in its order)
+            to use in place instead of new ones; ``params`` must then already
+            be their views (e.g. row slices of a larger buffer).
+
     ``params``/``grads`` are dicts of ``(N, *shape)`` views into the flat
     buffers; write gradients there (or pass them to :meth:`step`).
     """
 
-    def __init__(self, params: Mapping[str, Tensor], optimizer: str = "adam", hparams=None):
+    def __init__(self, params: Mapping[str, Tensor], optimizer: str = "adam", hparams=None, *,
+                 buffers: tuple[Tensor, Tensor] | None = None):
         base, preset_hp = resolve_preset(optimizer)
         if base not in FUSED_KINDS:
             raise ValueError(
@@ -265,8 +281,16 @@ class FusedMultiTrajectoryOptimizer:
         self.kind = base
         self.num_trajectories = n
         self._shapes = {name: tuple(p.shape[1:]) for name, p in params.items()}
-        self.flat_params = torch.cat([p.detach().reshape(n, -1) for p in params.values()], dim=1).contiguous()
-        self.flat_grads = torch.zeros_like(self.flat_params)
+        if buffers is None:
+            self.flat_params = torch.cat([p.detach().reshape(n, -1) for p in params.values()], dim=1).contiguous()
+            self.flat_grads = torch.zeros_like(self.flat_params)
+        else:
+            self.flat_params, self.flat_grads = buffers
+            size = sum(math.prod(shape) for shape in self._shapes.values())
+            for name, flat in zip(("flat_params", "flat_grads"), buffers):
+                if flat.shape != (n, size) or not flat.is_contiguous() or flat.dtype != first.dtype:
+                    raise ValueError(f"buffers: {name} must be a contiguous ({n}, {size}) {first.dtype} tensor, "
+                                     f"got {list(flat.shape)} {flat.dtype}")
         buffers = _STATE_BUFFERS[base]
         empty = self.flat_params.new_empty((0,))
         self.state1 = torch.zeros_like(self.flat_params) if buffers[0] else empty
@@ -299,12 +323,7 @@ class FusedMultiTrajectoryOptimizer:
         return opt
 
     def _views(self, flat: Tensor) -> dict[str, Tensor]:
-        views, offset = {}, 0
-        for name, shape in self._shapes.items():
-            size = math.prod(shape)
-            views[name] = flat[:, offset : offset + size].view(self.num_trajectories, *shape)
-            offset += size
-        return views
+        return flat_views(flat, self._shapes)
 
     def set_hparams(self, hparams=None) -> None:
         """Replace the hyperparameters (same forms as the constructor; preset values
@@ -372,4 +391,4 @@ class FusedMultiTrajectoryOptimizer:
         return state
 
 
-__all__ = ["FUSED_KINDS", "FusedMultiTrajectoryOptimizer", "multi_step_update_", "multi_step_update_op"]
+__all__ = ["FUSED_KINDS", "FusedMultiTrajectoryOptimizer", "flat_views", "multi_step_update_", "multi_step_update_op"]
