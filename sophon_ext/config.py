@@ -193,7 +193,7 @@ class GuardConfig:
 class ProtectConfig:
     """The SOPHON loop (SOPHON.md "Algorithm")."""
 
-    iterations: int = 1100
+    iterations: int = 1000
     #: fine-tuning-suppression steps per iteration
     fts_steps: int = 1
     #: normal-training-reinforcement steps per iteration
@@ -203,7 +203,7 @@ class ProtectConfig:
     #: the simulated strategies; each FTS step runs all of them (or num_strategies drawn from them)
     strategies: list[StrategyConfig] = field(default_factory=default_strategies)
     #: 0 runs every listed strategy each FTS step; n > 0 draws n of them per step (with fresh seeds).
-    #: Default 3 of the 6: on the built-in default, 1100 iterations of 3 drawn strategies protect
+    #: Default 3 of the 6: on the built-in default, 1000-1100 iterations of 3 drawn strategies protect
     #: better than 400 of all 6 in about the same time (docs/demo/README.md)
     num_strategies: int = 3
     #: restricted-domain samples held out per trajectory and step to evaluate the suppression loss
