@@ -66,7 +66,8 @@ def write_inputs(directory: Path, iterations: int, checkpoint_every: int = 1) ->
                  for side in ("original", "restricted")},
         "model": {"name": MODEL_SPEC["name"], "kwargs": MODEL_SPEC["kwargs"], "weights": str(directory / "model.safetensors")},
         "protect": {"iterations": iterations, "inner_steps": 2, "pool_size": 64, "query_size": 8, "ntr_batch_size": 16,
-                    "checkpoint_every": checkpoint_every, "simulate_path": "loop", "strategies": STRATEGIES,
+                    "checkpoint_every": checkpoint_every, "simulate_path": "loop",
+                    "strategies": STRATEGIES, "num_strategies": 0,  # every strategy each step
                     "guard": {"every": 2, "max_drop": None}},
     }
     path = directory / "config.yaml"
