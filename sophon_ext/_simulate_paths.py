@@ -46,6 +46,8 @@ from .optim.functional import FunctionalOptimizer
 
 # (signature) -> a name in VARIANTS; filled by timing the first steps of a run.
 _PATH_CACHE: dict[tuple, str] = {}
+# (signature) -> candidate -> step times so far; calibration may span several calls.
+_TIMINGS: dict[tuple, dict[str, list[float]]] = {}
 # The candidates of the auto path: name -> ChunkRunner.step options.
 VARIANTS = {
     "vmap": {},
@@ -57,8 +59,9 @@ VARIANTS = {
 }
 # (workers, pool) of the threaded variants.
 _POOL: tuple[int, ThreadPoolExecutor] | None = None
-# Steps timed per candidate before choosing (the first of each is a warm-up).
-_CALIBRATION_ROUNDS = 2
+# Steps timed per candidate before choosing by the fastest: one step is noisy
+# on a shared CPU, and the first includes one-off costs (allocations).
+_CALIBRATION_STEPS = 3
 
 
 @dataclass
@@ -311,26 +314,26 @@ def _candidates(image_inputs: bool, threads: bool) -> list[str]:
 def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[ChunkRunner, str]:
     """Run every step; ``batches[k]()`` gives step k's stacked batch. Returns the runner and the path used.
 
-    ``path="auto"`` with no cached choice: the first steps go round the
-    candidates (:func:`_candidates`) twice; the fastest second-round time
-    wins and is cached.
+    ``path="auto"`` with no cached choice: steps go round the candidates
+    (:func:`_candidates`), over as many calls with the same signature as it
+    takes to time each ``_CALIBRATION_STEPS`` times; the one with the fastest
+    step wins and is cached.
     """
     runner = ChunkRunner(chunk)
     variants = {name: functools.partial(runner.step, **options) for name, options in VARIANTS.items()}
     chosen = path if path != "auto" else _PATH_CACHE.get(signature)
-    timings: dict[str, list[float]] = {}
+    last = chosen
     for k in range(len(batches)):
         batch = batches[k]()
-        if chosen is None and not timings:
-            image_inputs = any(t.dim() == 5 and t.is_floating_point() for t in batch[0])  # (n, B, C, H, W)
-            candidates = _candidates(image_inputs, torch.get_num_threads() > 1 and len(chunk.batch_sizes) > 1)
-            if len(batches) < _CALIBRATION_ROUNDS * len(candidates):
-                chosen = "loop"  # too few steps to time: the path that is never much slower
-            timings = {v: [] for v in candidates}
         if chosen is not None:
             variants[chosen](batch)
             continue
-        trial = list(timings)[k % len(timings)]
+        if signature not in _TIMINGS:
+            image_inputs = any(t.dim() == 5 and t.is_floating_point() for t in batch[0])  # (n, B, C, H, W)
+            candidates = _candidates(image_inputs, torch.get_num_threads() > 1 and len(chunk.batch_sizes) > 1)
+            _TIMINGS[signature] = {v: [] for v in candidates}
+        timings = _TIMINGS[signature]
+        last = trial = min(timings, key=lambda v: len(timings[v]))  # the least timed, in list order
         start = time.perf_counter()
         try:
             variants[trial](batch)
@@ -339,11 +342,12 @@ def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[Chunk
                 raise
             # e.g. a loss built on an autograd.Function without functorch support
             warnings.warn(f"simulate: the vmap path failed ({exc}); using the loop path", RuntimeWarning, stacklevel=2)
-            chosen = _PATH_CACHE[signature] = "loop"
+            chosen = last = _PATH_CACHE[signature] = "loop"
+            _TIMINGS.pop(signature)
             variants["loop"](batch)
             continue
         timings[trial].append(time.perf_counter() - start)
-        if k == _CALIBRATION_ROUNDS * len(timings) - 1:
-            # the first round includes one-off costs (allocations, lazy imports): compare the last
-            chosen = _PATH_CACHE[signature] = min(timings, key=lambda v: timings[v][-1])
-    return runner, "vmap" if chosen.startswith("vmap") else "loop"
+        if all(len(t) >= _CALIBRATION_STEPS for t in timings.values()):
+            chosen = last = _PATH_CACHE[signature] = min(timings, key=lambda v: min(timings[v]))
+            _TIMINGS.pop(signature)
+    return runner, "vmap" if last.startswith("vmap") else "loop"
