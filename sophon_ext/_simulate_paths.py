@@ -22,8 +22,8 @@ read and write the same stacked state:
 
 Either can run over blocks of trajectories on worker threads. ``auto`` times
 these variants (and the loop with channels-last image inputs) on the first
-steps and keeps the fastest (cached per signature: model, shapes, batch
-sizes, device, threads).
+steps and keeps the one with the lowest median step time, vmap when within
+10% of it (cached per signature: model, shapes, batch sizes, device, threads).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from ._simulate_memory import is_out_of_memory
-from .optim.fused import FUSED_KINDS, FusedMultiTrajectoryOptimizer, flat_views
+from .optim.fused import FUSED_KINDS, FusedMultiTrajectoryOptimizer, flat_views, flatten_rows
 from .optim.functional import FunctionalOptimizer
 
 # (signature) -> a name in VARIANTS; filled by timing the first steps of a run.
@@ -182,9 +182,8 @@ class ChunkRunner:
             # still needs one for the inner gradients (a leaf nobody asks about)
             self.params = {n: p if p.requires_grad else p.detach().requires_grad_(True) for n, p in chunk.start.items()}
         else:
-            n = len(chunk.batch_sizes)
             shapes = {name: p.shape[1:] for name, p in chunk.start.items()}
-            self.flat = torch.cat([p.detach().reshape(n, -1) for p in chunk.start.values()], dim=1)
+            self.flat = flatten_rows(chunk.start)
             self.flat_grads = torch.zeros_like(self.flat)
             self.params, self.grads = flat_views(self.flat, shapes), flat_views(self.flat_grads, shapes)
         self.updates = [self._group_update(g) for g in chunk.groups]
@@ -306,7 +305,7 @@ def _candidates(image_inputs: bool, threads: bool) -> list[str]:
     with channels-last activations (oneDNN's convolutions often run faster);
     with several intra-op threads, vmap and loop over blocks of trajectories on
     worker threads (small kernels scale better so than split over threads),
-    channels-last then only threaded (5 candidates: 10 steps to time them)."""
+    channels-last then only threaded (5 candidates: 25 steps to time them)."""
     if not threads:
         return ["vmap", "loop"] + (["loop_channels_last"] if image_inputs else [])
     return ["vmap", "vmap_threads", "loop", "loop_threads"] + (["loop_threads_channels_last"] if image_inputs else [])

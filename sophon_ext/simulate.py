@@ -207,7 +207,8 @@ def simulate(model: nn.Module, strategies: Sequence[FineTuneStrategy], data, ada
     forward/backward with the ordinary kernels, one batched optimizer update),
     "auto" (times vmap, loop and loop with channels-last image inputs, and
     with several intra-op threads vmap and loop over blocks of trajectories on
-    worker threads, on the first steps and keeps the fastest, cached per model
+    worker threads, on the first steps (across calls when needed) and keeps
+    the lowest median step time, vmap when within 10%, cached per model
     signature, shapes, device and threads; falls back to loop if the losses
     cannot run under vmap). First-order updates run in place, with the fused
     multi-trajectory op for sgd, adam, adamw and lion. All

@@ -230,6 +230,12 @@ def _per_trajectory(base: str, hparams, n: int) -> dict[str, HyperParam]:
     return out
 
 
+def flatten_rows(params: Mapping[str, Tensor]) -> Tensor:
+    """The ``(N, *shape)`` tensors of ``params`` as one new contiguous ``(N, P)`` buffer, in their order (detached)."""
+    n = next(iter(params.values())).shape[0]
+    return torch.cat([p.detach().reshape(n, -1) for p in params.values()], dim=1).contiguous()
+
+
 def flat_views(flat: Tensor, shapes: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
     """name -> ``(N, *shape)`` view of consecutive columns of ``flat`` (N, P), in the order of ``shapes``."""
     views, offset = {}, 0
@@ -282,7 +288,7 @@ class FusedMultiTrajectoryOptimizer:
         self.num_trajectories = n
         self._shapes = {name: tuple(p.shape[1:]) for name, p in params.items()}
         if buffers is None:
-            self.flat_params = torch.cat([p.detach().reshape(n, -1) for p in params.values()], dim=1).contiguous()
+            self.flat_params = flatten_rows(params)
             self.flat_grads = torch.zeros_like(self.flat_params)
         else:
             self.flat_params, self.flat_grads = buffers
@@ -391,4 +397,4 @@ class FusedMultiTrajectoryOptimizer:
         return state
 
 
-__all__ = ["FUSED_KINDS", "FusedMultiTrajectoryOptimizer", "flat_views", "multi_step_update_", "multi_step_update_op"]
+__all__ = ["FUSED_KINDS", "FusedMultiTrajectoryOptimizer", "flat_views", "flatten_rows", "multi_step_update_", "multi_step_update_op"]
