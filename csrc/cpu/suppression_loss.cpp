@@ -68,96 +68,82 @@ void run_rows(RowRangeFn fn, const RowArgs& args, int64_t rows) {
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
 }
 
-std::tuple<Tensor, Tensor> suppression_loss_cpu(const Tensor& logits_in, const std::optional<Tensor>& target_in,
+// Loss (N,) and row stats ((N,) when stats_width is 0, else (N, stats_width))
+// of a forward op through its row kernels (one per dtype in `kernels`).
+std::tuple<Tensor, Tensor> forward_rows(const char* op, const RowRangeFn* kernels, const Tensor& logits_in,
+                                        const std::optional<Tensor>& target_in, int64_t stats_width,
+                                        double ice_weight, double klu_weight, int64_t ignore_index) {
+  check_loss_logits(op, logits_in);
+  TORCH_CHECK_VALUE(target_in.has_value() || ice_weight == 0.0, op, ": target is required when ice_weight != 0");
+  const Tensor logits = logits_in.contiguous();
+  const Tensor target = checked_target(op, target_in, logits, ignore_index);
+  const int64_t n = logits.size(0);
+  Tensor loss = at::empty({n}, logits.options());
+  const auto double_options = logits.options().dtype(at::kDouble);
+  Tensor stats = stats_width == 0 ? at::empty({n}, double_options) : at::empty({n, stats_width}, double_options);
+  RowArgs args;
+  args.logits = logits.const_data_ptr();
+  args.target = target.defined() ? target.const_data_ptr<int64_t>() : nullptr;
+  args.loss = loss.data_ptr();
+  args.stats = stats.data_ptr<double>();
+  args.num_classes = logits.size(1);
+  args.ignore_index = ignore_index;
+  args.ice_weight = ice_weight;
+  args.klu_weight = klu_weight;
+  run_rows(kernels[row_dtype(logits.scalar_type())], args, n);
+  return {loss, stats};
+}
+
+// Gradient with respect to the logits of a backward op through its row kernels
+// (stats_width as in forward_rows).
+Tensor backward_rows(const char* op, const RowRangeFn* kernels, const Tensor& grad_loss_in, const Tensor& logits_in,
+                     const std::optional<Tensor>& target_in, const Tensor& stats_in, int64_t stats_width,
+                     double ice_weight, double klu_weight, int64_t ignore_index) {
+  check_loss_logits(op, logits_in);
+  TORCH_CHECK_VALUE(target_in.has_value() || ice_weight == 0.0, op, ": target is required when ice_weight != 0");
+  check_row_input(op, "grad_loss", grad_loss_in, logits_in, 0);
+  check_row_input(op, "stats", stats_in, logits_in, stats_width);
+  const Tensor logits = logits_in.contiguous();
+  const Tensor target = checked_target(op, target_in, logits, ignore_index);
+  const Tensor grad_loss = grad_loss_in.to(logits.scalar_type()).contiguous();
+  const Tensor stats = stats_in.to(at::kDouble).contiguous();
+  Tensor grad = at::empty(logits.sizes(), logits.options());
+  RowArgs args;
+  args.logits = logits.const_data_ptr();
+  args.target = target.defined() ? target.const_data_ptr<int64_t>() : nullptr;
+  args.grad_loss = grad_loss.const_data_ptr();
+  args.stats_in = stats.const_data_ptr<double>();
+  args.grad = grad.data_ptr();
+  args.num_classes = logits.size(1);
+  args.ignore_index = ignore_index;
+  args.ice_weight = ice_weight;
+  args.klu_weight = klu_weight;
+  run_rows(kernels[row_dtype(logits.scalar_type())], args, logits.size(0));
+  return grad;
+}
+
+std::tuple<Tensor, Tensor> suppression_loss_cpu(const Tensor& logits, const std::optional<Tensor>& target,
                                                 double ice_weight, double klu_weight, int64_t ignore_index) {
-  constexpr const char* op = "sophon_ext::suppression_loss";
-  check_loss_logits(op, logits_in);
-  TORCH_CHECK_VALUE(target_in.has_value() || ice_weight == 0.0, op, ": target is required when ice_weight != 0");
-  const Tensor logits = logits_in.contiguous();
-  const Tensor target = checked_target(op, target_in, logits, ignore_index);
-  const int64_t n = logits.size(0);
-  Tensor loss = at::empty({n}, logits.options());
-  Tensor stats = at::empty({n, 2}, logits.options().dtype(at::kDouble));
-  RowArgs args;
-  args.logits = logits.const_data_ptr();
-  args.target = target.defined() ? target.const_data_ptr<int64_t>() : nullptr;
-  args.loss = loss.data_ptr();
-  args.stats = stats.data_ptr<double>();
-  args.num_classes = logits.size(1);
-  args.ignore_index = ignore_index;
-  args.ice_weight = ice_weight;
-  args.klu_weight = klu_weight;
-  run_rows(row_kernel_set().suppression_forward[row_dtype(logits.scalar_type())], args, n);
-  return {loss, stats};
+  return forward_rows("sophon_ext::suppression_loss", row_kernel_set().suppression_forward, logits, target, 2,
+                      ice_weight, klu_weight, ignore_index);
 }
 
-Tensor suppression_loss_backward_cpu(const Tensor& grad_loss_in, const Tensor& logits_in,
-                                     const std::optional<Tensor>& target_in, const Tensor& stats_in, double ice_weight,
+Tensor suppression_loss_backward_cpu(const Tensor& grad_loss, const Tensor& logits,
+                                     const std::optional<Tensor>& target, const Tensor& stats, double ice_weight,
                                      double klu_weight, int64_t ignore_index) {
-  constexpr const char* op = "sophon_ext::suppression_loss_backward";
-  check_loss_logits(op, logits_in);
-  TORCH_CHECK_VALUE(target_in.has_value() || ice_weight == 0.0, op, ": target is required when ice_weight != 0");
-  check_row_input(op, "grad_loss", grad_loss_in, logits_in, 0);
-  check_row_input(op, "stats", stats_in, logits_in, 2);
-  const Tensor logits = logits_in.contiguous();
-  const Tensor target = checked_target(op, target_in, logits, ignore_index);
-  const Tensor grad_loss = grad_loss_in.to(logits.scalar_type()).contiguous();
-  const Tensor stats = stats_in.to(at::kDouble).contiguous();
-  Tensor grad = at::empty(logits.sizes(), logits.options());
-  RowArgs args;
-  args.logits = logits.const_data_ptr();
-  args.target = target.defined() ? target.const_data_ptr<int64_t>() : nullptr;
-  args.grad_loss = grad_loss.const_data_ptr();
-  args.stats_in = stats.const_data_ptr<double>();
-  args.grad = grad.data_ptr();
-  args.num_classes = logits.size(1);
-  args.ignore_index = ignore_index;
-  args.ice_weight = ice_weight;
-  args.klu_weight = klu_weight;
-  run_rows(row_kernel_set().suppression_backward[row_dtype(logits.scalar_type())], args, logits.size(0));
-  return grad;
+  return backward_rows("sophon_ext::suppression_loss_backward", row_kernel_set().suppression_backward, grad_loss,
+                       logits, target, stats, 2, ice_weight, klu_weight, ignore_index);
 }
 
-std::tuple<Tensor, Tensor> ice_reference_cpu(const Tensor& logits_in, const Tensor& target_in, int64_t ignore_index) {
-  constexpr const char* op = "sophon_ext::inverse_cross_entropy_reference";
-  check_loss_logits(op, logits_in);
-  const Tensor logits = logits_in.contiguous();
-  const Tensor target = checked_target(op, target_in, logits, ignore_index);
-  const int64_t n = logits.size(0);
-  Tensor loss = at::empty({n}, logits.options());
-  Tensor stats = at::empty({n}, logits.options().dtype(at::kDouble));
-  RowArgs args;
-  args.logits = logits.const_data_ptr();
-  args.target = target.const_data_ptr<int64_t>();
-  args.loss = loss.data_ptr();
-  args.stats = stats.data_ptr<double>();
-  args.num_classes = logits.size(1);
-  args.ignore_index = ignore_index;
-  run_rows(row_kernel_set().ice_reference_forward[row_dtype(logits.scalar_type())], args, n);
-  return {loss, stats};
+std::tuple<Tensor, Tensor> ice_reference_cpu(const Tensor& logits, const Tensor& target, int64_t ignore_index) {
+  return forward_rows("sophon_ext::inverse_cross_entropy_reference", row_kernel_set().ice_reference_forward, logits,
+                      target, 0, 0.0, 0.0, ignore_index);
 }
 
-Tensor ice_reference_backward_cpu(const Tensor& grad_loss_in, const Tensor& logits_in, const Tensor& target_in,
-                                  const Tensor& stats_in, int64_t ignore_index) {
-  constexpr const char* op = "sophon_ext::inverse_cross_entropy_reference_backward";
-  check_loss_logits(op, logits_in);
-  check_row_input(op, "grad_loss", grad_loss_in, logits_in, 0);
-  check_row_input(op, "stats", stats_in, logits_in, 0);
-  const Tensor logits = logits_in.contiguous();
-  const Tensor target = checked_target(op, target_in, logits, ignore_index);
-  const Tensor grad_loss = grad_loss_in.to(logits.scalar_type()).contiguous();
-  const Tensor stats = stats_in.to(at::kDouble).contiguous();
-  Tensor grad = at::empty(logits.sizes(), logits.options());
-  RowArgs args;
-  args.logits = logits.const_data_ptr();
-  args.target = target.const_data_ptr<int64_t>();
-  args.grad_loss = grad_loss.const_data_ptr();
-  args.stats_in = stats.const_data_ptr<double>();
-  args.grad = grad.data_ptr();
-  args.num_classes = logits.size(1);
-  args.ignore_index = ignore_index;
-  run_rows(row_kernel_set().ice_reference_backward[row_dtype(logits.scalar_type())], args, logits.size(0));
-  return grad;
+Tensor ice_reference_backward_cpu(const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
+                                  const Tensor& stats, int64_t ignore_index) {
+  return backward_rows("sophon_ext::inverse_cross_entropy_reference_backward", row_kernel_set().ice_reference_backward,
+                       grad_loss, logits, target, stats, 0, 0.0, 0.0, ignore_index);
 }
 
 }  // namespace
