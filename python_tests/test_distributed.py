@@ -68,6 +68,7 @@ def write_inputs(directory: Path, iterations: int, checkpoint_every: int = 1) ->
         "protect": {"iterations": iterations, "inner_steps": 2, "pool_size": 64, "query_size": 8, "ntr_batch_size": 16,
                     "checkpoint_every": checkpoint_every, "simulate_path": "loop",
                     "strategies": STRATEGIES, "num_strategies": 0,  # every strategy each step
+                    "horizon": 4,  # trajectories continued across steps (chains) on every rank
                     "guard": {"every": 2, "max_drop": None}},
     }
     path = directory / "config.yaml"
@@ -362,6 +363,7 @@ def test_distributed_protection_equals_the_single_process_run(session, tmp_path)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(ranks[0]["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert len(ranks[0]["history"]) == len(history) == 3
+    assert ranks[0]["history"][1]["chain_depths"] == history[1]["chain_depths"] and max(history[1]["chain_depths"]) == 2
     for dist_record, record in zip(ranks[0]["history"], history):
         assert len(dist_record["sup_loss_per_strategy"]) == len(STRATEGIES)  # every strategy, in order
         for key in ("sup_loss", "sup_loss_last", "meta_grad_norm", "ntr_loss"):

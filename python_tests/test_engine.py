@@ -255,3 +255,16 @@ def test_config_forms(domains, pretrained, tmp_path):
     # (x, y) pairs are accepted for the domains
     engine = Sophon(clone(pretrained), (original.train.x, original.train.y), (restricted.train.x, restricted.train.y), config)
     assert len(engine.original_val) > 0 and len(engine.original_train) + len(engine.original_val) == len(original.train)
+
+
+def test_alpha_warms_up_linearly_and_the_guard_scales_it(domains, pretrained):
+    original, restricted = domains
+    config = small_config(iterations=6, alpha=1e-2, alpha_warmup=4, guard={"enabled": False})
+    engine = Sophon(clone(pretrained), original, restricted, config)
+    result = engine.run()
+    assert [r["alpha"] for r in result.history] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2])
+    engine._scale_rates(0.5)  # what a guard rollback does: the warm-up then ramps to the lowered rate
+    assert engine.fts_optimizer.param_groups[0]["base_lr"] == pytest.approx(5e-3)
+    assert engine.step()["alpha"] == pytest.approx(5e-3)
+    with pytest.raises(Exception, match="protect.alpha_warmup"):
+        small_config(alpha_warmup=-1)

@@ -193,7 +193,7 @@ class GuardConfig:
 class ProtectConfig:
     """The SOPHON loop (SOPHON.md "Algorithm")."""
 
-    iterations: int = 1000
+    iterations: int = 2000
     #: fine-tuning-suppression steps per iteration
     fts_steps: int = 1
     #: normal-training-reinforcement steps per iteration
@@ -203,9 +203,15 @@ class ProtectConfig:
     #: the simulated strategies; each FTS step runs all of them (or num_strategies drawn from them)
     strategies: list[StrategyConfig] = field(default_factory=default_strategies)
     #: 0 runs every listed strategy each FTS step; n > 0 draws n of them per step (with fresh seeds).
-    #: Default 3 of the 6: on the built-in default, 1000-1100 iterations of 3 drawn strategies protect
-    #: better than 400 of all 6 in about the same time (docs/demo/README.md)
+    #: Default 3 of the 6: on the built-in default, 2000 iterations of 3 drawn strategies protect
+    #: better than 1000 of all 6 at the same cost (docs/demo/README.md)
     num_strategies: int = 3
+    #: longest simulated fine-tuning, in steps (null, or <= inner_steps: K steps from the current
+    #: parameters, the paper's). A strategy's trajectory is continued the next times it is drawn,
+    #: from the current parameters plus the attacker's displacement, until it has run this many
+    #: steps (sophon_ext/chains.py). Default 300: on the built-in default the protection then holds
+    #: for the demo's 10 epochs (200 steps) of real fine-tuning, where K = 10 alone lets it escape
+    horizon: Optional[int] = 300
     #: restricted-domain samples held out per trajectory and step to evaluate the suppression loss
     query_size: int = 32
     #: restricted-domain samples drawn per FTS step for the trajectories' batches (null: all)
@@ -215,8 +221,11 @@ class ProtectConfig:
     meta_clip: Optional[float] = 0.5
     #: FTS (meta) Adam rate
     alpha: float = 3e-3
+    #: iterations over which the FTS rate ramps linearly up to alpha (0: none); lets NTR keep the
+    #: original task through the first, largest meta-gradients
+    alpha_warmup: int = 0
     #: NTR Adam rate
-    beta: float = 1e-3
+    beta: float = 2e-3
     ntr_batch_size: int = 64
     #: simulate() execution path: auto | vmap | chunked | loop
     simulate_path: Literal["auto", "vmap", "chunked", "loop"] = "auto"
@@ -236,6 +245,8 @@ class ProtectConfig:
         if self.pool_size is not None:
             _check(largest + self.query_size <= self.pool_size, where, "pool_size",
                    f"must be >= the largest strategy batch_size + query_size ({largest} + {self.query_size})")
+        _check(self.horizon is None or self.horizon >= 1, where, "horizon", f"must be >= 1 or null, got {self.horizon}")
+        _check(self.alpha_warmup >= 0, where, "alpha_warmup", f"must be >= 0, got {self.alpha_warmup}")
         _check(self.num_strategies >= 0, where, "num_strategies", f"must be >= 0, got {self.num_strategies}")
         _check(self.meta_clip is None or self.meta_clip > 0, where, "meta_clip", f"must be > 0 or null, got {self.meta_clip}")
         _check(self.alpha > 0, where, "alpha", f"must be > 0, got {self.alpha}")

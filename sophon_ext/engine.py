@@ -6,7 +6,9 @@ One outer iteration (SOPHON.md, "Algorithm"):
    :func:`sophon_ext.simulate` on a restricted-domain batch, put the returned
    meta-gradient on the parameters, clip its norm, take an Adam step (rate
    ``alpha``). Buffers (BatchNorm running statistics) are restored afterwards,
-   so FTS never changes them.
+   so FTS never changes them. With ``protect.horizon`` longer than the
+   simulated steps, each strategy's trajectory is continued at later FTS
+   steps until it has run ``horizon`` steps (:mod:`sophon_ext.chains`).
 2. NTR, ``ntr_steps`` times: one step of the task's original loss on an
    original-domain batch with a separate Adam (rate ``beta``); BatchNorm
    statistics follow the original domain here, in train mode.
@@ -213,6 +215,13 @@ class Sophon:
         self.generator = torch.Generator().manual_seed(self.config.seed)
         params = list(self.params.values())
         self.fts_optimizer = torch.optim.Adam(params, lr=self.pc.alpha)
+        for group in self.fts_optimizer.param_groups:
+            group["base_lr"] = self.pc.alpha  # the rate the guard scales; "lr" is it after the warm-up
+        self.chains = None
+        if self.pc.horizon is not None and self.pc.horizon > self.pc.inner_steps:
+            from .chains import TrajectoryChains
+
+            self.chains = TrajectoryChains(self.pc.horizon, head=head)
         self.ntr_optimizer = torch.optim.Adam(params, lr=self.pc.beta)
 
         self.iteration = 0
@@ -231,17 +240,18 @@ class Sophon:
     def _randint(self, high: int) -> int:
         return int(torch.randint(high, (1,), generator=self.generator).item())
 
-    def _draw_strategies(self) -> list:
-        """This FTS step's strategies, each with a fresh seed (new re-initialisations every step)."""
+    def _draw_strategies(self) -> tuple[list[int], list]:
+        """This FTS step's (slots, strategies): positions in the strategy list and the
+        strategies, each with a fresh seed (new re-initialisations every step)."""
         if self.fixed_strategies is not None:
-            return [dataclasses.replace(s, seed=self._randint(2**31)) for s in self.fixed_strategies]
+            slots = list(range(len(self.fixed_strategies)))
+            return slots, [dataclasses.replace(s, seed=self._randint(2**31)) for s in self.fixed_strategies]
         listed = self.pc.strategies
         if self.pc.num_strategies:
-            picks = torch.randint(len(listed), (self.pc.num_strategies,), generator=self.generator).tolist()
-            chosen = [listed[i] for i in picks]
+            slots = torch.randint(len(listed), (self.pc.num_strategies,), generator=self.generator).tolist()
         else:
-            chosen = list(listed)
-        return [_strategy_from_config(sc, self.pc.inner_steps, self._randint(2**31)) for sc in chosen]
+            slots = list(range(len(listed)))
+        return slots, [_strategy_from_config(listed[i], self.pc.inner_steps, self._randint(2**31)) for i in slots]
 
     def _sample(self, data: ArrayDataset, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``size`` samples drawn without replacement (with, when the dataset is smaller)."""
@@ -265,7 +275,10 @@ class Sophon:
         simulate = self._simulate
         if simulate is None:
             from .simulate import simulate
-        strategies = self._draw_strategies()
+        slots, strategies = self._draw_strategies()
+        depths = self.chains.depths(slots, strategies) if self.chains else None
+        runs = self.chains.strategies_to_run(slots, strategies) if self.chains else strategies
+        theta = {n: p.detach().clone() for n, p in self.params.items()} if self.chains else None
         inputs, targets = self._restricted_pool()
         buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         self.model.train()
@@ -273,7 +286,7 @@ class Sophon:
             self.comm,
             simulate,
             self.model,
-            strategies,
+            runs,
             data=(inputs, targets),
             adaptation_loss=self.task.adaptation_loss,
             suppression_loss=self.task.suppression_loss,
@@ -283,7 +296,10 @@ class Sophon:
             chunk_size=self.pc.chunk_size,
             head=self.head,
             generator=self.generator,
+            **({"return_params": True} if self.chains else {}),
         )
+        if self.chains:
+            self.chains.record(self.model, slots, strategies, theta, result.params)
         # The paper keeps BatchNorm statistics out of FTS; simulate promises
         # this, restoring makes it hold for any simulate_fn too.
         with torch.no_grad():
@@ -297,6 +313,9 @@ class Sophon:
             norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.pc.meta_clip)
         else:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros(())
+        warmup = min(1.0, self.iteration / self.pc.alpha_warmup) if self.pc.alpha_warmup else 1.0
+        for group in self.fts_optimizer.param_groups:
+            group["lr"] = group["base_lr"] * warmup
         self.fts_optimizer.step()
         self.fts_optimizer.zero_grad(set_to_none=True)
         losses = result.query_losses.detach().float()
@@ -307,6 +326,7 @@ class Sophon:
             "sup_loss_per_strategy": [float(v) for v in losses[:, -1]],
             "meta_grad_norm": float(norm),
             "path": str(getattr(result, "path", "")),
+            **({"chain_depths": depths} if depths is not None else {}),
         }
 
     def _ntr_step(self) -> float:
@@ -327,7 +347,10 @@ class Sophon:
         """The task's metric on the held-out original-domain split."""
         if not self.comm.is_main:  # rank 0 measures for all, so the guard decides the same everywhere
             return self.comm.broadcast_object(None)
-        seed = self.config.seed  # fixed, so the guard compares like with like (generation draws noise)
+        # A fresh draw of the task's evaluation noise (generation: timesteps and noise) at every
+        # check: with one fixed draw the protection learnt to pass the guard while failing on
+        # other draws (docs/generation/README.md). Classification ignores the seed.
+        seed = self.config.seed + self.iteration
         metrics = self.task.evaluate(self.model, self.original_val.x, self.original_val.y, seed=seed)
         return self.comm.broadcast_object(float(metrics[self.task.metric_name]))
 
@@ -371,6 +394,8 @@ class Sophon:
         for opt in (self.fts_optimizer, self.ntr_optimizer):
             for group in opt.param_groups:
                 group["lr"] *= factor
+                if "base_lr" in group:
+                    group["base_lr"] *= factor
 
     def _guard(self, record: dict) -> None:
         metric = self.evaluate_original()
@@ -527,6 +552,8 @@ class Sophon:
             "stop_reason": self.stop_reason,
             "seconds": self._seconds,
         }
+        if self.chains is not None:
+            state["chains"] = self.chains.state_dict()
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
@@ -551,6 +578,8 @@ class Sophon:
             self.stopped = bool(state["stopped"])
             self.stop_reason = state["stop_reason"]
             self._seconds = float(state["seconds"])
+            if self.chains is not None:
+                self.chains.load_state_dict(state["chains"], self.device)
         except (KeyError, RuntimeError, TypeError, ValueError) as exc:
             raise ckpt.CheckpointError(f"checkpoint: state does not fit this run: {exc}") from None
 

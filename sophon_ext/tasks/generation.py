@@ -171,13 +171,14 @@ def _check_images(x) -> None:
 #: The attack: full fine-tuning with Adam at its default rate (1e-3), 10 epochs.
 DEFAULT_CONFIG_OVERRIDES = {
     "data": {"original": {"name": "mnist", "limit": 2000}, "restricted": {"name": "digits"}},
-    "task": {"suppression": "neg_mse"},
+    "task": {"suppression": "neg_mse", "eval_draws": 4},
     "model": {"name": "tiny_unet", "kwargs": {"base_channels": 16, "channel_mults": [1, 2], "attention_resolutions": [], "image_size": 16}},
     "pretrain": {"epochs": 6, "lr": 2e-3, "batch_size": 64, "optimizer": "adam"},
     "protect": {
         "iterations": 200,
         "num_strategies": 0,
         "inner_steps": 3,
+        "horizon": None,
         "query_size": 32,
         "alpha": 3e-3,
         "beta": 1.5e-3,
