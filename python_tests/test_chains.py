@@ -124,3 +124,18 @@ def test_resume_with_chains_equals_uninterrupted_run(domains, pretrained, tmp_pa
     resumed.run()
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_simulate_fn_that_drops_the_adapted_parameters_is_named(domains, pretrained):  # noqa: F811
+    original, restricted = domains
+
+    def no_params(model, strategies, return_params=False, **kwargs):
+        import dataclasses
+
+        return dataclasses.replace(simulate(model, strategies, **kwargs), params=None)
+
+    engine = Sophon(copy.deepcopy(pretrained), original, restricted, small_config(horizon=9), simulate_fn=no_params)
+    with pytest.raises(TypeError, match="simulate_fn: must return the adapted params"):
+        engine.step()
+    plain = Sophon(copy.deepcopy(pretrained), original, restricted, small_config(horizon=None), simulate_fn=no_params)
+    assert "chain_depths" not in plain.step()  # without a horizon nothing is continued or asked for

@@ -299,6 +299,9 @@ class Sophon:
             **({"return_params": True} if self.chains else {}),
         )
         if self.chains:
+            if getattr(result, "params", None) is None:
+                raise TypeError("simulate_fn: must return the adapted params when asked (return_params=True) to "
+                                "continue trajectories; set protect.horizon: null to run without")
             self.chains.record(self.model, slots, strategies, theta, result.params)
         # The paper keeps BatchNorm statistics out of FTS; simulate promises
         # this, restoring makes it hold for any simulate_fn too.

@@ -175,10 +175,12 @@ DEFAULT_CONFIG_OVERRIDES = {
     "model": {"name": "tiny_unet", "kwargs": {"base_channels": 16, "channel_mults": [1, 2], "attention_resolutions": [], "image_size": 16}},
     "pretrain": {"epochs": 6, "lr": 2e-3, "batch_size": 64, "optimizer": "adam"},
     "protect": {
-        "iterations": 200,
+        "iterations": 1000,
         "num_strategies": 0,
         "inner_steps": 3,
-        "horizon": None,
+        # the simulated attacker is continued to 21 steps (7 parts of 3): the real attack's first
+        # epoch is 20 steps, where 3-step trajectories alone left the protected model below scratch
+        "horizon": 21,
         "query_size": 32,
         "alpha": 3e-3,
         "beta": 1.5e-3,
