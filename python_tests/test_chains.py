@@ -8,12 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from sophon_ext import FineTuneStrategy, simulate
+from sophon_ext import FineTuneStrategy, Sophon, simulate
 from sophon_ext.chains import TrajectoryChains
 from sophon_ext.tasks import ClassificationTask
 
 from test_engine import domains, pretrained, small_config  # noqa: F401 - fixtures
-from sophon_ext import Sophon
 
 
 class Tiny(nn.Module):

@@ -80,11 +80,8 @@ class TrajectoryChains:
         return set(parameter_names(model, modules))
 
     def _continued_slots(self, slots: Sequence[int], strategies: Sequence[FineTuneStrategy]) -> list[bool]:
-        seen, out = set(), []
-        for slot, strategy in zip(slots, strategies):
-            out.append(strategy.method in CONTINUED_METHODS and slot in self.chains and slot not in seen)
-            seen.add(slot)
-        return out
+        return [first and s.method in CONTINUED_METHODS and slot in self.chains
+                for slot, s, first in zip(slots, strategies, _first_of_slot(slots))]
 
     def depths(self, slots: Sequence[int], strategies: Sequence[FineTuneStrategy]) -> list[int]:
         """Steps already behind each trajectory of this FTS step (0: fresh)."""
@@ -107,14 +104,11 @@ class TrajectoryChains:
         ``theta``: the parameters the trajectories started from (before the
         meta step); ``adapted``: ``SimulationResult.params`` (name -> (N, ...)).
         """
-        flags = self._continued_slots(slots, strategies)
-        seen = set()
-        for i, (slot, strategy, continued) in enumerate(zip(slots, strategies, flags)):
-            if strategy.method not in CONTINUED_METHODS or slot in seen:
+        for i, (slot, strategy, first) in enumerate(zip(slots, strategies, _first_of_slot(slots))):
+            if not first or strategy.method not in CONTINUED_METHODS:
                 continue
-            seen.add(slot)
-            if continued:
-                chain = self.chains[slot]
+            chain = self.chains.get(slot)
+            if chain is not None:
                 steps, absolute_names = chain.steps + strategy.steps, set(chain.absolute)
             else:
                 steps, absolute_names = strategy.steps, self._reinitialised(model, strategy)
@@ -145,3 +139,12 @@ class TrajectoryChains:
             )
             for slot, c in state["chains"].items()
         }
+
+
+def _first_of_slot(slots: Sequence[int]) -> list[bool]:
+    """Whether each entry is its slot's first in this FTS step (only that one continues the chain)."""
+    seen, out = set(), []
+    for slot in slots:
+        out.append(slot not in seen)
+        seen.add(slot)
+    return out

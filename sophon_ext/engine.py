@@ -276,9 +276,9 @@ class Sophon:
         if simulate is None:
             from .simulate import simulate
         slots, strategies = self._draw_strategies()
-        depths = self.chains.depths(slots, strategies) if self.chains else None
-        runs = self.chains.strategies_to_run(slots, strategies) if self.chains else strategies
-        theta = {n: p.detach().clone() for n, p in self.params.items()} if self.chains else None
+        continuing = self.chains is not None
+        depths = self.chains.depths(slots, strategies) if continuing else None
+        runs = self.chains.strategies_to_run(slots, strategies) if continuing else strategies
         inputs, targets = self._restricted_pool()
         buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         self.model.train()
@@ -296,12 +296,14 @@ class Sophon:
             chunk_size=self.pc.chunk_size,
             head=self.head,
             generator=self.generator,
-            **({"return_params": True} if self.chains else {}),
+            **({"return_params": True} if continuing else {}),
         )
-        if self.chains:
+        if continuing:
             if getattr(result, "params", None) is None:
                 raise TypeError("simulate_fn: must return the adapted params when asked (return_params=True) to "
                                 "continue trajectories; set protect.horizon: null to run without")
+            # before the meta step the parameters are still where the trajectories started
+            theta = {n: p.detach() for n, p in self.params.items()}
             self.chains.record(self.model, slots, strategies, theta, result.params)
         # The paper keeps BatchNorm statistics out of FTS; simulate promises
         # this, restoring makes it hold for any simulate_fn too.
