@@ -7,7 +7,7 @@ optimizers with ``foreach=True``, stepped one after the other. Fused: one
 Only the optimizer step is timed; gradients are fixed random tensors.
 
     python -m pytest benchmarks/bench_optim.py --benchmark-only
-    PYTHONPATH=. python benchmarks/bench_optim.py   # plain table of the same figures
+    PYTHONPATH=. python benchmarks/bench_optim.py   # plain table of the same figures, plus bandwidth
 
 pytest-benchmark shows both ways side by side in one group per (preset,
 model); the script prints the speedup (baseline median / fused median).
@@ -75,12 +75,22 @@ def _median_seconds(fn, rounds: int = 30, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+# tensors the fused update reads + writes per element (params, grads, state): sgd momentum p g buf / p buf
+STREAMS = {"sgd_momentum": 5, "adam": 7, "adamw": 7}
+
+
 def compare(preset: str, width: int) -> dict:
-    """Median step time of both ways (seconds) and the speedup."""
+    """Median step time of both ways (seconds), the speedup, and the fused update's
+    memory traffic in GB/s next to a plain ``torch.add(a, b, out=c)`` over as many
+    float32 elements (a bandwidth-bound op: what the machine's memory allows)."""
     step_baseline, step_fused, size = _setup(preset, width)
     baseline = _median_seconds(step_baseline)
     fused = _median_seconds(step_fused)
-    return {"params_per_model": size, "torch_foreach_s": baseline, "fused_s": fused, "speedup": baseline / fused}
+    elements = size * N_TRAJECTORIES
+    a, b, c = torch.randn(elements), torch.randn(elements), torch.empty(elements)
+    add = _median_seconds(lambda: torch.add(a, b, out=c))
+    return {"params_per_model": size, "torch_foreach_s": baseline, "fused_s": fused, "speedup": baseline / fused,
+            "fused_GBps": STREAMS[preset] * 4 * elements / fused / 1e9, "add_GBps": 3 * 4 * elements / add / 1e9}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -97,11 +107,12 @@ def test_optimizer_step(benchmark, preset, model, impl, device):
 
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N={N_TRAJECTORIES}")
-    print(f"{'preset':14s} {'model':9s} {'params':>8s} {'torch foreach':>14s} {'fused':>10s} {'speedup':>8s}")
+    print(f"{'preset':14s} {'model':9s} {'params':>8s} {'torch foreach':>14s} {'fused':>10s} {'speedup':>8s}"
+          f" {'fused GB/s':>11s} {'add GB/s':>9s}")
     for preset in PRESETS:
         for model, width in WIDTHS.items():
             r = compare(preset, width)
             print(
                 f"{preset:14s} {model:9s} {r['params_per_model']:8d} {r['torch_foreach_s'] * 1e3:11.2f} ms"
-                f" {r['fused_s'] * 1e3:7.2f} ms {r['speedup']:7.2f}x"
+                f" {r['fused_s'] * 1e3:7.2f} ms {r['speedup']:7.2f}x {r['fused_GBps']:11.1f} {r['add_GBps']:9.1f}"
             )

@@ -35,7 +35,7 @@ CASES = {
     "compute_bound": dict(width=32, size=28, batch=135, depth=4, n=8, steps=10, optimizers=("sgd",), rounds=2),
     "engine": dict(width=16, size=16, batch=64, depth=3, n=6, steps=15, optimizers=("sgd", "adam", "sgd_momentum")),
 }
-IMPLEMENTATIONS = ("sequential", "auto", "vmap", "loop")
+IMPLEMENTATIONS = ("sequential", "auto", "vmap", "stacked", "loop")
 
 
 def cross_entropy(output, targets, weight=None):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sophon_ext import FineTuneStrategy, StrategySampler, simulate
-from sophon_ext._simulate_paths import VARIANTS
+from sophon_ext._simulate_paths import VARIANTS, reported_path
 from sophon_ext._simulate_reference import simulate_sequential
 from sophon_ext.models import SmallCNN
 from sophon_ext.optim.presets import PRESETS
@@ -99,7 +99,7 @@ def auto_choice(variant):
 
     saved, _simulate_paths._PATH_CACHE = _simulate_paths._PATH_CACHE, Always()
     try:
-        yield "vmap" if variant.startswith("vmap") else "loop"  # the path the result reports
+        yield reported_path(variant)  # the path the result reports
     finally:
         _simulate_paths._PATH_CACHE = saved
 
@@ -362,19 +362,19 @@ def test_auto_path_times_every_candidate_and_caches_its_choice():
     _simulate_paths._TIMINGS.clear()
     run = lambda: simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4,  # noqa: E731
                            generator=torch.Generator().manual_seed(0), return_params=True)
-    # every candidate (vmap, the loops with and without channels-last inputs and
-    # threads) is timed _CALIBRATION_STEPS times, over as many calls as that takes
+    # every candidate (vmap, stacked, the loops with and without channels-last
+    # inputs and threads) is timed _CALIBRATION_STEPS times, over as many calls as that takes
     results = []
     while not _simulate_paths._PATH_CACHE:
         results.append(run())
-        assert len(results) <= 3, "10 steps a call: at most 3 calls to time 5 candidates 5 times"
-        assert results[-1].path in ("vmap", "loop")
+        assert len(results) <= 3, "10 steps a call: at most 3 calls to time 6 candidates 5 times"
+        assert results[-1].path in ("vmap", "stacked", "loop")
         assert_matches_reference(model, strategies, data, results[-1], 4, seed=0)
     assert list(_simulate_paths._PATH_CACHE.values())[0] in VARIANTS and not _simulate_paths._TIMINGS
     again = run()
     assert len(_simulate_paths._PATH_CACHE) == 1
     chosen = list(_simulate_paths._PATH_CACHE.values())[0]
-    assert again.path == ("vmap" if chosen.startswith("vmap") else "loop")
+    assert again.path == reported_path(chosen)
     torch.testing.assert_close(again.query_losses, results[0].query_losses, rtol=1e-10, atol=0)
 
 
@@ -440,7 +440,7 @@ def test_input_transforms_that_change_shapes_run_in_their_own_group():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("path", ["vmap", "loop"])
+@pytest.mark.parametrize("path", ["vmap", "stacked", "loop"])
 def test_cuda_run_matches_the_cpu_sequential_loop(path):
     # float64 on the GPU against the CPU loop: the fused update and batched paths on device
     model, data = tiny_cnn(), pool()

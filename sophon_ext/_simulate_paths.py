@@ -10,17 +10,20 @@ static hyperparameters): first order with the fused multi-trajectory op
 where the base has one (sgd, adam, adamw, lion), otherwise with one vmapped
 call of the functional optimizer.
 
-Two ways to compute the gradients, interchangeable at any step because they
+Three ways to compute the gradients, interchangeable at any step because they
 read and write the same stacked state:
 
 - ``vmap``: one ``torch.func.vmap`` call for the adaptation gradients of all
   trajectories, one for the query losses/gradients. Few Python calls, but
   batched convolution weights become grouped convolutions, slow on CPU for
-  compute-bound models.
+  compute-bound models, and the batch rules copy activations between layouts.
+- ``stacked``: the model traced once (``_simulate_stacked``) and run on all
+  trajectories with plain autograd, activations kept as (B, N, ...): no
+  functorch wrapping, no layout copies (models made of supported ops only).
 - ``loop``: forward/backward trajectory by trajectory with the ordinary
   kernels (no padding).
 
-Either can run over blocks of trajectories on worker threads. ``auto`` times
+vmap and loop can run over blocks of trajectories on worker threads. ``auto`` times
 these variants (and the loop with channels-last image inputs) on the first
 steps and keeps the one with the lowest median step time, vmap when within
 10% of it (cached per signature: model, shapes, batch sizes, device, threads).
@@ -42,6 +45,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from ._simulate_memory import is_out_of_memory
+from ._simulate_stacked import NotStackable, mark_not_stackable, stacked_model, trajectory_output
 from .optim.fused import FUSED_KINDS, FusedMultiTrajectoryOptimizer, flat_views, flatten_rows
 from .optim.functional import FunctionalOptimizer
 
@@ -53,6 +57,7 @@ _TIMINGS: dict[tuple, dict[str, list[float]]] = {}
 VARIANTS = {
     "vmap": {},
     "vmap_threads": dict(threads=True),
+    "stacked": dict(gradients="stacked"),
     "loop": dict(gradients="loop"),
     "loop_channels_last": dict(gradients="loop", channels_last=True),
     "loop_threads": dict(gradients="loop", threads=True),
@@ -156,6 +161,7 @@ class _Worker:
 
     def __init__(self, model: nn.Module, chunk: Chunk, second_order: bool):
         self.model = model
+        self._stacked = None
         adapt, query = _objective(model, chunk.adaptation_loss), _objective(model, chunk.suppression_loss)
         # the padding weight is None when every batch of the chunk has the same size
         self.adapt_vmapped = {
@@ -165,9 +171,16 @@ class _Worker:
         self.query_vmapped = vmap(query if second_order else grad_and_value(query), in_dims=(0, 0, 0, None),
                                   randomness="different")
 
+    @property
+    def stacked(self):
+        """The model traced for the stacked path (raises NotStackable)."""
+        if self._stacked is None:
+            self._stacked = stacked_model(self.model)
+        return self._stacked
+
 
 class ChunkRunner:
-    """Steps a :class:`Chunk` with the vmap or loop gradients; accumulates query losses and gradients.
+    """Steps a :class:`Chunk` with the vmap, stacked or loop gradients; accumulates query losses and gradients.
 
     First order keeps the parameters in one flat (n, P) buffer (``self.params``
     are views of it) updated in place, by the fused op where the group's
@@ -214,18 +227,18 @@ class ChunkRunner:
             self.params = pieces[0] if len(pieces) == 1 else {n: torch.cat([p[n] for p in pieces]) for n in self.params}
 
     def step(self, batch, gradients: str = "vmap", channels_last: bool = False, threads: bool = False) -> None:
-        """One step, with the "vmap" or "loop" gradients (``threads``: blocks of
+        """One step, with the "vmap", "stacked" or "loop" gradients (``threads``: blocks of
         trajectories on worker threads). The update is done (and kept) before
         the query: a step redone after its query failed resumes there."""
         x, y, w, qx, qy = batch
         if channels_last:
             x, qx = _channels_last(x), _channels_last(qx)
-        vmapped = gradients == "vmap"
+        adapt, query = {"vmap": (self._vmap_adapt, self._vmap_query), "loop": (self._loop_adapt, self._loop_query),
+                        "stacked": (self._stacked_adapt, self._stacked_query)}[gradients]
         if self._updates_done == len(self.losses):
-            adapt = self._vmap_adapt if vmapped else self._loop_adapt
             self._update(self._blocks(functools.partial(adapt, x, y, w), threads)[0])
             self._updates_done += 1
-        query_grads, loss = self._blocks(functools.partial(self._vmap_query if vmapped else self._loop_query, qx, qy), threads)
+        query_grads, loss = self._blocks(functools.partial(query, qx, qy), threads)
         self.losses.append(loss)
         for n, g in (query_grads or {}).items():
             self.query_grad_sum[n] += g
@@ -244,15 +257,40 @@ class ChunkRunner:
         sizes = self.chunk.batch_sizes  # unpadded: the ordinary kernels on each trajectory's real batch
         grads = [self._autograd(self.chunk.adaptation_loss, worker.model, j, tuple(t[j, :sizes[j]] for t in x), y[j, :sizes[j]])[0]
                  for j in range(rows.start, rows.stop)]
-        return self._stacked(grads), None
+        return self._stack_rows(grads), None
 
     def _loop_query(self, qx, qy, rows: slice, worker: _Worker):
         out = [self._autograd(self.chunk.suppression_loss, worker.model, j, tuple(t[j] for t in qx), qy[j], need_grad=not self.second_order)
                for j in range(rows.start, rows.stop)]
-        return None if self.second_order else self._stacked([g for g, _ in out]), torch.stack([loss for _, loss in out])
+        return None if self.second_order else self._stack_rows([g for g, _ in out]), torch.stack([loss for _, loss in out])
+
+    def _stacked_adapt(self, x, y, w, rows: slice, worker: _Worker):
+        return self._stacked_gradients(self.chunk.adaptation_loss, worker, rows, x, y, w)[0], None
+
+    def _stacked_query(self, qx, qy, rows: slice, worker: _Worker):
+        return self._stacked_gradients(self.chunk.suppression_loss, worker, rows, qx, qy, None, need_grad=not self.second_order)
+
+    def _stacked_gradients(self, loss_fn, worker: _Worker, rows: slice, inputs, targets, weight, need_grad=True):
+        """One ordinary forward/backward of every trajectory of ``rows`` (see _simulate_stacked)."""
+        model = worker.stacked
+        if self.second_order:
+            params = self._rows(self.params, rows)  # inside the meta graph
+        else:
+            params = {n: p[rows].detach().requires_grad_(True) for n, p in self.params.items()}
+        out = model(params, tuple(t[rows] for t in inputs))
+        losses = []
+        for j in range(rows.stop - rows.start):
+            output, row_targets = trajectory_output(out, j), targets[rows.start + j]
+            losses.append(loss_fn(output, row_targets) if weight is None else loss_fn(output, row_targets, weight[rows.start + j]))
+        losses = torch.stack(losses)
+        if not need_grad:
+            return None, losses
+        grads = torch.autograd.grad(losses.sum(), list(params.values()), create_graph=self.second_order, allow_unused=True)
+        grads = {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(params, grads)}
+        return grads, losses if self.second_order else losses.detach()
 
     @staticmethod
-    def _stacked(per_trajectory: list) -> dict:
+    def _stack_rows(per_trajectory: list) -> dict:
         return {n: torch.stack([g[n] for g in per_trajectory]) for n in per_trajectory[0]}
 
     def _blocks(self, task, threads: bool):
@@ -300,15 +338,30 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
     return _POOL[1]
 
 
-def _candidates(image_inputs: bool, threads: bool) -> list[str]:
-    """The variants the auto path times: vmap and loop; for image inputs the loop
-    with channels-last activations (oneDNN's convolutions often run faster);
-    with several intra-op threads, vmap and loop over blocks of trajectories on
-    worker threads (small kernels scale better so than split over threads),
-    channels-last then only threaded (5 candidates: 25 steps to time them)."""
+def _candidates(image_inputs: bool, threads: bool, stackable: bool) -> list[str]:
+    """The variants the auto path times: vmap, stacked (when the model traces
+    into supported ops) and loop; for image inputs the loop with channels-last
+    activations (oneDNN's convolutions often run faster); with several
+    intra-op threads, vmap and loop over blocks of trajectories on worker
+    threads (small kernels scale better so than split over threads),
+    channels-last then only threaded (at most 6 candidates: 30 steps to time them)."""
+    stacked = ["stacked"] if stackable else []
     if not threads:
-        return ["vmap", "loop"] + (["loop_channels_last"] if image_inputs else [])
-    return ["vmap", "vmap_threads", "loop", "loop_threads"] + (["loop_threads_channels_last"] if image_inputs else [])
+        return ["vmap", *stacked, "loop"] + (["loop_channels_last"] if image_inputs else [])
+    return ["vmap", "vmap_threads", *stacked, "loop", "loop_threads"] + (["loop_threads_channels_last"] if image_inputs else [])
+
+
+def _is_stackable(model: nn.Module) -> bool:
+    try:
+        stacked_model(model)
+    except NotStackable:
+        return False
+    return True
+
+
+def reported_path(variant: str) -> str:
+    """What a result says ran: "vmap", "stacked" or "loop"."""
+    return next((p for p in ("vmap", "stacked") if variant.startswith(p)), "loop")
 
 
 def _fastest(timings: dict[str, list[float]]) -> str:
@@ -335,17 +388,27 @@ def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[Chunk
     for k in range(len(batches)):
         batch = batches[k]()
         if chosen is not None:
-            variants[chosen](batch)
+            try:
+                variants[chosen](batch)
+            except NotStackable as exc:
+                raise ValueError(f"path: 'stacked' cannot run this model: {exc}") from exc
             continue
         if signature not in _TIMINGS:
             image_inputs = any(t.dim() == 5 and t.is_floating_point() for t in batch[0])  # (n, B, C, H, W)
-            candidates = _candidates(image_inputs, torch.get_num_threads() > 1 and len(chunk.batch_sizes) > 1)
+            candidates = _candidates(image_inputs, torch.get_num_threads() > 1 and len(chunk.batch_sizes) > 1,
+                                     _is_stackable(chunk.model))
             _TIMINGS[signature] = {v: [] for v in candidates}
         timings = _TIMINGS[signature]
         last = trial = min(timings, key=lambda v: len(timings[v]))  # the least timed, in list order
         start = time.perf_counter()
         try:
             variants[trial](batch)
+        except NotStackable as exc:  # found while running (e.g. a reshape that merges the batch dim)
+            mark_not_stackable(chunk.model, exc)
+            timings.pop(trial)
+            last = "vmap"
+            variants["vmap"](batch)  # the step resumes where the stacked one stopped
+            continue
         except (RuntimeError, NotImplementedError) as exc:
             if not trial.startswith("vmap") or is_out_of_memory(exc):
                 raise
@@ -359,4 +422,4 @@ def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[Chunk
         if all(len(t) >= _CALIBRATION_STEPS for t in timings.values()):
             chosen = last = _PATH_CACHE[signature] = _fastest(timings)
             _TIMINGS.pop(signature)
-    return runner, "vmap" if last.startswith("vmap") else "loop"
+    return runner, reported_path(last)

@@ -229,7 +229,7 @@ class ProtectConfig:
     beta: float = 2e-3
     ntr_batch_size: int = 64
     #: simulate() execution path: auto | vmap | chunked | loop
-    simulate_path: Literal["auto", "vmap", "chunked", "loop"] = "auto"
+    simulate_path: Literal["auto", "vmap", "stacked", "chunked", "loop"] = "auto"
     chunk_size: Optional[int] = None
     #: save a checkpoint every this many iterations (0: only at the end)
     checkpoint_every: int = 50

@@ -19,7 +19,7 @@ from .optim.presets import resolve_preset
 from .strategies import FineTuneStrategy
 from .surgery import fresh_parameters, method_targets
 
-PATHS = ("auto", "vmap", "chunked", "loop")
+PATHS = ("auto", "vmap", "stacked", "chunked", "loop")
 ORDERS = ("first", "second")
 
 
@@ -28,8 +28,8 @@ class SimulationResult:
     """``query_losses`` (N, K): suppression loss on step k's query batch after
     step k of trajectory i (detached). ``meta_grad``: parameter
     name -> mean over trajectories and steps of the query-loss gradient with
-    respect to the ORIGINAL parameter. ``path``: what ran ("vmap", "chunked",
-    "loop", or several joined by "+" when groups differed). ``params``:
+    respect to the ORIGINAL parameter. ``path``: what ran ("vmap", "stacked",
+    "chunked", "loop", or several joined by "+" when groups differed). ``params``:
     adapted parameters, name -> (N, ...), when ``return_params=True``.
     ``chunk_size``: the most trajectories that ran together."""
 
@@ -173,6 +173,7 @@ def _transformed_signature(transform, inputs) -> tuple | None:
     return tuple((tuple(t.shape[1:]), t.dtype) for t in out)
 
 
+@torch.enable_grad()  # it computes gradients whatever the caller's mode (under no_grad they would be silently lost)
 def simulate(model: nn.Module, strategies: Sequence[FineTuneStrategy], data, adaptation_loss: Callable,
              suppression_loss: Callable, *, query_size: int, order: str = "first", path: str = "auto",
              chunk_size: int | None = None, head: str | None = None, generator: torch.Generator | None = None,
@@ -202,15 +203,19 @@ def simulate(model: nn.Module, strategies: Sequence[FineTuneStrategy], data, ada
     optimizer state per trajectory: use it for small models, or lower
     ``chunk_size``.
 
-    ``path``: "vmap" (one vmapped call per step), "chunked" (vmap over
-    ``chunk_size`` trajectories at a time), "loop" (trajectory by trajectory
-    forward/backward with the ordinary kernels, one batched optimizer update),
-    "auto" (times vmap, loop and loop with channels-last image inputs, and
-    with several intra-op threads vmap and loop over blocks of trajectories on
-    worker threads, on the first steps (across calls when needed) and keeps
-    the lowest median step time, vmap when within 10%, cached per model
-    signature, shapes, device and threads; falls back to loop if the losses
-    cannot run under vmap). First-order updates run in place, with the fused
+    ``path``: "vmap" (one vmapped call per step), "stacked" (the model traced
+    with torch.fx and run once per step on all trajectories with plain
+    autograd, activations as (B, N, ...), convolutions grouped or per
+    trajectory, whichever times faster per shape; refuses, naming it, an op
+    it cannot keep per trajectory), "chunked" (vmap over ``chunk_size``
+    trajectories at a time), "loop" (trajectory by trajectory forward/backward
+    with the ordinary kernels, one batched optimizer update), "auto" (times
+    vmap, stacked when the model allows it, loop and loop with channels-last
+    image inputs, and with several intra-op threads vmap and loop over blocks
+    of trajectories on worker threads, on the first steps (across calls when
+    needed) and keeps the lowest median step time, vmap when within 10%,
+    cached per model signature, shapes, device and threads; falls back to
+    loop if the losses cannot run under vmap). First-order updates run in place, with the fused
     multi-trajectory op for sgd, adam, adamw and lion. All
     trajectories share the forward/backward passes; optimizers with
     different bases or static hyperparameters update in separate groups.
@@ -247,7 +252,7 @@ def simulate(model: nn.Module, strategies: Sequence[FineTuneStrategy], data, ada
         for members in groups.values():
             size = chunk_size
             if size is None:
-                size = len(members) if path in ("vmap", "loop") and order == "first" else _memory_chunk_size(
+                size = len(members) if path in ("vmap", "stacked", "loop") and order == "first" else _memory_chunk_size(
                     model, members, inputs, targets, adaptation_loss, order, steps, query_size, device)
             queue = [members[first : first + size] for first in range(0, len(members), size)]
             while queue:
