@@ -326,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except distributed.DistributedError as exc:
         print(f"sophon {args.command}: error: {exc}", file=sys.stderr)
+        if distributed.launched_by_torchrun():
+            distributed.exit_after_lost_peer(1)
         return 1
     except KeyboardInterrupt:
         print(f"sophon {args.command}: interrupted", file=sys.stderr)

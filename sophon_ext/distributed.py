@@ -31,6 +31,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
@@ -344,6 +345,21 @@ def _weighted(value: Tensor | None, like: Tensor, weight: float, device: torch.d
 
 
 _current: Communicator | None = None
+
+
+def exit_after_lost_peer(code: int) -> None:
+    """Leave this process now, with ``code``, skipping interpreter teardown.
+
+    A process group whose peer died cannot be torn down cleanly: gloo's threads
+    may still wait on the dead socket, and destroying them at interpreter exit
+    aborted the surviving rank (std::terminate, exit status -6) instead of
+    exiting with ``code``, now and then (seen in CI). Everything this library
+    writes is already on disk at that point (checkpoints are atomic, each log
+    line is closed as written), so only the standard streams need flushing.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def launched_by_torchrun(env=os.environ) -> bool:
