@@ -80,6 +80,16 @@ def test_op_matches_functional_optimizer_per_trajectory(kind, nesterov, dtype, n
 
     tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-6}
     opt = get_functional_optimizer(kind)
+    if dtype == torch.float32:
+        # Adam at lr up to 0.2 amplifies rounding (m / (sqrt(v) + eps)): two float32 implementations
+        # can differ by more than a fixed tolerance; the fused op must be as close to float64 as torch is
+        truth = _run_functional_rows(kind, nesterov, params.double(), [g.double() for g in grads_seq], hp)
+        rows32 = _run_functional_rows(kind, nesterov, params, grads_seq, hp)
+        for i, ((p64, _), (p32, _)) in enumerate(zip(truth, rows32)):
+            fused_error = (fused_params[i].double() - p64).abs().max()
+            torch_error = (p32.double() - p64).abs().max()
+            assert fused_error <= 4 * torch_error + 2e-6, (i, float(fused_error), float(torch_error))
+        tol = {"rtol": 1e-4, "atol": 2e-5}  # state buffers, and a coarse check of the parameters
     for i, (p_ref, state_ref) in enumerate(_run_functional_rows(kind, nesterov, params, grads_seq, hp)):
         torch.testing.assert_close(fused_params[i], p_ref, **tol)
         if kind == "sgd" and hp["momentum"][i] == 0:

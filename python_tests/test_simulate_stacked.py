@@ -216,3 +216,29 @@ def test_a_caller_in_no_grad_mode_gets_the_same_result(path):
     assert any(g.abs().sum() > 0 for g in got.meta_grad.values())
     for name, grad_ in expected.meta_grad.items():
         torch.testing.assert_close(got.meta_grad[name], grad_)
+
+
+def test_the_trace_cache_does_not_keep_models_alive():
+    import gc
+    import weakref
+
+    model = tiny_cnn(norm="none", seed=5)
+    stacked_model(model)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
+def test_the_engines_fused_suppression_loss_gives_the_same_result_on_stacked_and_vmap():
+    from sophon_ext.tasks.classification import ClassificationTask
+
+    task = ClassificationTask()  # ICE + KLU through the compiled op (or its reference): strided rows on stacked
+    model, data = tiny_cnn(norm="none", seed=6), pool()
+    strategies = [FineTuneStrategy("sgd_momentum", 0.05, 6, 3, seed=1), FineTuneStrategy("adam", 1e-2, 4, 3, "reinit_layers", layers=1, seed=2)]
+    results = [simulate(model, strategies, data, task.adaptation_loss, task.suppression_loss, query_size=4, path=path,
+                        generator=torch.Generator().manual_seed(9), return_params=True) for path in ("vmap", "stacked")]
+    torch.testing.assert_close(results[1].query_losses, results[0].query_losses, rtol=1e-10, atol=1e-12)
+    for name in results[0].meta_grad:
+        torch.testing.assert_close(results[1].meta_grad[name], results[0].meta_grad[name], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(results[1].params[name], results[0].params[name], rtol=1e-9, atol=1e-12)

@@ -360,15 +360,17 @@ class StackedModel:
             graph = fx.symbolic_trace(model).graph
         except Exception as exc:  # fx raises many kinds (data-dependent control flow, ...)
             raise NotStackable(f"torch.fx cannot trace {type(model).__name__}: {exc}") from exc
-        self.model, self.nodes = model, list(graph.nodes)
-        self.handlers = {node: self._handler(node) for node in self.nodes}  # unsupported ops fail here
+        # a weak reference: the cache below is keyed by the model (a strong one would keep it alive forever)
+        self._model, self.nodes = weakref.ref(model), list(graph.nodes)
+        self.handlers = {node: self._handler(model, node) for node in self.nodes}  # unsupported ops fail here
         # a module node's parameters: (local name, full name)
         self.own = {node: [(name, f"{node.target}.{name}") for name, _ in model.get_submodule(node.target).named_parameters(recurse=False)]
                     for node in self.nodes if node.op == "call_module"}
 
-    def _handler(self, node: fx.Node):
+    @staticmethod
+    def _handler(model: nn.Module, node: fx.Node):
         if node.op == "call_module":
-            module = self.model.get_submodule(node.target)
+            module = model.get_submodule(node.target)
             if type(module) not in _MODULES:
                 raise NotStackable(f"module {node.target!r} ({type(module).__name__}) is not supported")
             return _MODULES[type(module)]
@@ -383,6 +385,7 @@ class StackedModel:
         return None
 
     def __call__(self, params: dict, inputs: tuple):
+        model = self._model()
         env: dict[fx.Node, object] = {}
         remaining = list(inputs)
         for node in self.nodes:
@@ -392,10 +395,10 @@ class StackedModel:
                     raise NotStackable(f"the model takes more inputs than the {len(inputs)} given")
                 env[node] = _Act(remaining.pop(0).transpose(0, 1))
             elif node.op == "get_attr":
-                env[node] = _Param(params[node.target]) if node.target in params else _attribute(self.model, node.target)
+                env[node] = _Param(params[node.target]) if node.target in params else _attribute(model, node.target)
             elif node.op == "call_module":
                 own = {local: params[full] for local, full in self.own[node]}
-                env[node] = self.handlers[node](self.model.get_submodule(node.target), own, *args, **kwargs)
+                env[node] = self.handlers[node](model.get_submodule(node.target), own, *args, **kwargs)
             elif node.op in ("call_function", "call_method"):
                 env[node] = self.handlers[node](*args, **kwargs)
             elif node.op == "output":
