@@ -66,9 +66,9 @@ def runner(name, implementation, device="cpu"):
     return synchronized(run, device)
 
 
-def warm_up(run, most_calls: int = 3) -> None:
+def warm_up(run, most_calls: int = 6) -> None:
     """Calls ``run`` until the auto path has finished timing its candidates
-    (a one-time cost per model signature, 25 steps over the first calls), so
+    (a one-time cost per model signature, up to 42 steps over the first calls), so
     that the timed rounds measure its steady state, as the other paths'."""
     for _ in range(most_calls):
         run()

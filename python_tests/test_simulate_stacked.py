@@ -242,3 +242,16 @@ def test_the_engines_fused_suppression_loss_gives_the_same_result_on_stacked_and
     for name in results[0].meta_grad:
         torch.testing.assert_close(results[1].meta_grad[name], results[0].meta_grad[name], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(results[1].params[name], results[0].params[name], rtol=1e-9, atol=1e-12)
+
+
+def test_auto_leaves_out_the_warm_up_step_and_prefers_a_batched_path_within_ten_percent():
+    from sophon_ext._simulate_paths import _fastest
+
+    warm_up = [9.0]  # a first step that pays one-off costs
+    assert _fastest({"vmap": warm_up + [1.0] * 5, "stacked": [0.1] + [1.2] * 5, "loop": [0.1] + [1.5] * 5}) == "vmap"
+    # stacked faster than vmap: the faster batched path wins even when vmap is within 10% of it
+    assert _fastest({"vmap": [0.1] + [1.05] * 5, "stacked": warm_up + [1.0] * 5, "loop": [0.1] + [1.2] * 5}) == "stacked"
+    # a loop within 10% of the batched paths loses to them; more than 10% faster, it wins
+    assert _fastest({"vmap": [0.1] + [1.2] * 5, "stacked": [0.1] + [1.08] * 5, "loop": warm_up + [1.0] * 5}) == "stacked"
+    assert _fastest({"vmap": [0.1] + [1.2] * 5, "stacked": [0.1] + [1.15] * 5, "loop_threads": [0.1] + [1.0] * 5}) == "loop_threads"
+    assert _fastest({"vmap": [0.1] + [1.2] * 5, "loop": [0.1] + [1.0] * 5}) == "loop"  # a model stacked cannot run

@@ -25,8 +25,8 @@ read and write the same stacked state:
 
 vmap and loop can run over blocks of trajectories on worker threads. ``auto`` times
 these variants (and the loop with channels-last image inputs) on the first
-steps and keeps the one with the lowest median step time, vmap when within
-10% of it (cached per signature: model, shapes, batch sizes, device, threads).
+steps and keeps the one with the lowest median step time, vmap or stacked when
+within 10% of it (cached per signature: model, shapes, batch sizes, device, threads).
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ VARIANTS = {
     "vmap": {},
     "vmap_threads": dict(threads=True),
     "stacked": dict(gradients="stacked"),
+    "stacked_channels_last": dict(gradients="stacked", channels_last=True),
     "loop": dict(gradients="loop"),
     "loop_channels_last": dict(gradients="loop", channels_last=True),
     "loop_threads": dict(gradients="loop", threads=True),
@@ -66,7 +67,9 @@ VARIANTS = {
 # (workers, pool) of the threaded variants.
 _POOL: tuple[int, ThreadPoolExecutor] | None = None
 # Steps timed per candidate before choosing by the median: one step is noisy
-# on a shared CPU, and the first includes one-off costs (allocations).
+# on a shared CPU. Each candidate's first step is run but not counted: it pays
+# one-off costs (functorch's first vmap of a function took 1.1 s against 28 ms
+# for the next steps, oneDNN prepares kernels per shape).
 _CALIBRATION_STEPS = 5
 
 
@@ -156,6 +159,14 @@ def _channels_last(inputs: tuple) -> tuple:
                  for t in inputs)
 
 
+def _stacked_channels_last(inputs: tuple) -> tuple:
+    """(n, B, C, H, W) float inputs laid out as (B, H, W, n, C) in memory: the stacked
+    path's (B, n * C, H, W) view of them is then channels-last, and so is every
+    grouped convolution and pooling after it (vectorised kernels in oneDNN and ATen)."""
+    return tuple(t.permute(1, 3, 4, 0, 2).contiguous().permute(3, 0, 4, 1, 2) if t.dim() == 5 and t.is_floating_point() else t
+                 for t in inputs)
+
+
 class _Worker:
     """A model (the chunk's, or a copy for a worker thread) and the vmapped gradients through it."""
 
@@ -232,7 +243,8 @@ class ChunkRunner:
         the query: a step redone after its query failed resumes there."""
         x, y, w, qx, qy = batch
         if channels_last:
-            x, qx = _channels_last(x), _channels_last(qx)
+            layout = _stacked_channels_last if gradients == "stacked" else _channels_last
+            x, qx = layout(x), layout(qx)
         adapt, query = {"vmap": (self._vmap_adapt, self._vmap_query), "loop": (self._loop_adapt, self._loop_query),
                         "stacked": (self._stacked_adapt, self._stacked_query)}[gradients]
         if self._updates_done == len(self.losses):
@@ -340,12 +352,13 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
 
 def _candidates(image_inputs: bool, threads: bool, stackable: bool) -> list[str]:
     """The variants the auto path times: vmap, stacked (when the model traces
-    into supported ops) and loop; for image inputs the loop with channels-last
-    activations (oneDNN's convolutions often run faster); with several
-    intra-op threads, vmap and loop over blocks of trajectories on worker
-    threads (small kernels scale better so than split over threads),
-    channels-last then only threaded (at most 6 candidates: 30 steps to time them)."""
-    stacked = ["stacked"] if stackable else []
+    into supported ops) and loop; for image inputs stacked and the loop with
+    channels-last activations too (oneDNN's convolutions and ATen's pooling
+    often run faster); with several intra-op threads, vmap and loop over
+    blocks of trajectories on worker threads (small kernels scale better so
+    than split over threads), the channels-last loop then only threaded (at
+    most 7 candidates: 42 steps to time them)."""
+    stacked = (["stacked", "stacked_channels_last"] if image_inputs else ["stacked"]) if stackable else []
     if not threads:
         return ["vmap", *stacked, "loop"] + (["loop_channels_last"] if image_inputs else [])
     return ["vmap", "vmap_threads", *stacked, "loop", "loop_threads"] + (["loop_threads_channels_last"] if image_inputs else [])
@@ -365,12 +378,14 @@ def reported_path(variant: str) -> str:
 
 
 def _fastest(timings: dict[str, list[float]]) -> str:
-    """The candidate with the lowest median step time; vmap when within 10% of it:
-    its per-call costs outside the timed steps are lower (the demo's protection
-    ran 0.32 s an iteration on vmap, 0.39-0.44 s on loops whose steps timed alike)."""
-    median = {v: statistics.median(t) for v, t in timings.items()}
+    """The candidate with the lowest median step time (the warm-up step left out);
+    the faster of vmap and stacked when within 10% of it: their per-call costs
+    outside the timed steps are lower than the loops' (the demo's protection ran
+    0.32 s an iteration on vmap, 0.39-0.44 s on loops whose steps timed alike)."""
+    median = {v: statistics.median(t[1:]) for v, t in timings.items()}
     best = min(median, key=median.get)
-    return "vmap" if median["vmap"] <= 1.1 * median[best] else best
+    batched = min((v for v in ("vmap", "stacked") if v in median), key=median.get)
+    return batched if median[batched] <= 1.1 * median[best] else best
 
 
 def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[ChunkRunner, str]:
@@ -378,8 +393,8 @@ def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[Chunk
 
     ``path="auto"`` with no cached choice: steps go round the candidates
     (:func:`_candidates`), over as many calls with the same signature as it
-    takes to time each ``_CALIBRATION_STEPS`` times; the one with the lowest
-    median wins and is cached.
+    takes to time each ``_CALIBRATION_STEPS`` times after one warm-up step; the
+    one with the lowest median wins (see :func:`_fastest`) and is cached.
     """
     runner = ChunkRunner(chunk)
     variants = {name: functools.partial(runner.step, **options) for name, options in VARIANTS.items()}
@@ -419,7 +434,7 @@ def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[Chunk
             variants["loop"](batch)
             continue
         timings[trial].append(time.perf_counter() - start)
-        if all(len(t) >= _CALIBRATION_STEPS for t in timings.values()):
+        if all(len(t) > _CALIBRATION_STEPS for t in timings.values()):  # + the warm-up step
             chosen = last = _PATH_CACHE[signature] = _fastest(timings)
             _TIMINGS.pop(signature)
     return runner, reported_path(last)

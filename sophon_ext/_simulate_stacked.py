@@ -237,7 +237,7 @@ _CONV_CHOICE: dict[tuple, str] = {}
 
 
 def _conv_way(conv, x: Tensor, weight: Tensor, bias, module: nn.Module) -> str:
-    key = (tuple(x.shape), tuple(weight.shape), bias is not None, module.stride, module.padding, module.dilation,
+    key = (tuple(x.shape), x.stride(), tuple(weight.shape), bias is not None, module.stride, module.padding, module.dilation,
            module.groups, x.dtype, str(x.device), torch.get_num_threads())
     if key not in _CONV_CHOICE:
         _CONV_CHOICE[key] = _time_conv_ways(conv, x, weight, bias, module)

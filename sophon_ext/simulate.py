@@ -210,10 +210,10 @@ def simulate(model: nn.Module, strategies: Sequence[FineTuneStrategy], data, ada
     it cannot keep per trajectory), "chunked" (vmap over ``chunk_size``
     trajectories at a time), "loop" (trajectory by trajectory forward/backward
     with the ordinary kernels, one batched optimizer update), "auto" (times
-    vmap, stacked when the model allows it, loop and loop with channels-last
+    vmap, stacked when the model allows it, stacked and loop with channels-last
     image inputs, and with several intra-op threads vmap and loop over blocks
     of trajectories on worker threads, on the first steps (across calls when
-    needed) and keeps the lowest median step time, vmap when within 10%,
+    needed) and keeps the lowest median step time, vmap or stacked when within 10%,
     cached per model signature, shapes, device and threads; falls back to
     loop if the losses cannot run under vmap). First-order updates run in place, with the fused
     multi-trajectory op for sgd, adam, adamw and lion. All
