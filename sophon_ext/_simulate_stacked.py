@@ -135,7 +135,7 @@ def _flatten(x, start_dim=0, end_dim=-1):
 def _reduce(name):
     def apply(x, dim=None, *args, **kwargs):
         if not isinstance(x, _Act):
-            return getattr(torch, name)(x, dim, *args, **kwargs) if dim is not None else getattr(torch, name)(x)
+            return getattr(torch, name)(x, *(() if dim is None else (dim,)), *args, **kwargs)
         if dim is None:
             raise NotStackable(f"{name} over every dim (it would mix trajectories)")
         dims = [x.logical_dim(d) for d in ((dim,) if isinstance(dim, int) else dim)]
@@ -395,7 +395,7 @@ class StackedModel:
                     raise NotStackable(f"the model takes more inputs than the {len(inputs)} given")
                 env[node] = _Act(remaining.pop(0).transpose(0, 1))
             elif node.op == "get_attr":
-                env[node] = _Param(params[node.target]) if node.target in params else _attribute(model, node.target)
+                env[node] = _Param(params[node.target]) if node.target in params else operator.attrgetter(node.target)(model)
             elif node.op == "call_module":
                 own = {local: params[full] for local, full in self.own[node]}
                 env[node] = self.handlers[node](model.get_submodule(node.target), own, *args, **kwargs)
@@ -404,13 +404,6 @@ class StackedModel:
             elif node.op == "output":
                 return _physical(args[0])
         raise NotStackable("the traced graph has no output")
-
-
-def _attribute(model: nn.Module, target: str):
-    value = model
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _physical(value):
@@ -425,9 +418,14 @@ def _physical(value):
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _structure(model: nn.Module) -> tuple:
+    """What a trace depends on besides the code: the module tree (a changed one is traced again)."""
+    return tuple((name, type(m)) for name, m in model.named_modules())
+
+
 def stacked_model(model: nn.Module) -> StackedModel:
     """The (cached) :class:`StackedModel` of ``model``; raises :class:`NotStackable`."""
-    structure = tuple((name, type(m)) for name, m in model.named_modules())
+    structure = _structure(model)
     cached = _CACHE.get(model)
     if cached is None or cached[0] != structure:
         try:
@@ -442,7 +440,7 @@ def stacked_model(model: nn.Module) -> StackedModel:
 
 def mark_not_stackable(model: nn.Module, exc: NotStackable) -> None:
     """Remember a failure found while running (a shape-dependent use), so auto stops trying."""
-    _CACHE[model] = (tuple((name, type(m)) for name, m in model.named_modules()), exc)
+    _CACHE[model] = (_structure(model), exc)
 
 
 def trajectory_output(out, j: int):

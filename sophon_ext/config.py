@@ -228,7 +228,7 @@ class ProtectConfig:
     #: NTR Adam rate
     beta: float = 2e-3
     ntr_batch_size: int = 64
-    #: simulate() execution path: auto | vmap | chunked | loop
+    #: simulate() execution path: auto | vmap | stacked | chunked | loop
     simulate_path: Literal["auto", "vmap", "stacked", "chunked", "loop"] = "auto"
     chunk_size: Optional[int] = None
     #: save a checkpoint every this many iterations (0: only at the end)
