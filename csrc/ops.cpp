@@ -10,14 +10,16 @@ TORCH_LIBRARY(sophon_ext, m) {
   // Row-wise on logits (N, C) with target (N,) int64: per-row loss (N,) in the
   // logits' dtype (0 where target == ignore_index) and per-row stats for the
   // backward op. Python (sophon_ext/functional.py) adds weights and reductions.
-  // suppression_loss: ice_weight * ICE + klu_weight * KLU; stats (N, 2) float64.
+  // suppression_loss: ice_weight * ICE + klu_weight * KLU; stats (N, 2) float64: the row max m and
+  // r = log-sum relative to m (everything relative to m stays exact at huge logits).
   m.def(
       "suppression_loss(Tensor logits, Tensor? target, float ice_weight, float klu_weight, int ignore_index) "
       "-> (Tensor, Tensor)");
   m.def(
       "suppression_loss_backward(Tensor grad_loss, Tensor logits, Tensor? target, Tensor stats, float ice_weight, "
       "float klu_weight, int ignore_index) -> Tensor");
-  // inverse_cross_entropy_reference: CE(1 - z, y) = z_y + logsumexp(-z); stats (N,) float64.
+  // inverse_cross_entropy_reference: CE(1 - z, y) = z_y + logsumexp(-z); stats (N, 2) float64, the
+  // same (max, log-sum relative to it) pair for -z.
   m.def("inverse_cross_entropy_reference(Tensor logits, Tensor target, int ignore_index) -> (Tensor, Tensor)");
   m.def(
       "inverse_cross_entropy_reference_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor stats, "

@@ -258,6 +258,249 @@ def test_nan_and_inf_propagate(kind, device):
     assert grad[1].isnan().any() and torch.isfinite(grad[[0, 3]]).all()
 
 
+# --------------------------------------------------------------------------- huge logits
+
+
+def huge_logit_groups(dtype, seed):
+    """Rows far from 0, each group (logits (M, C), target (M,)) with its own C.
+
+    The rows of the bug reports ([0, 1, -1, .5] + 1e16 in float64; all 1e20,
+    C = 3, and all 1e37, C = 100, in float32) and fresh random ones: moderate
+    spreads (3 randn) on offsets where the logits' ulp is ~1, and rows of
+    ulp-spaced values with ties at the max on offsets up to near the dtype's
+    range. Every row lies within a factor of 2 of its max, so z - max is
+    exact in float64 (Sterbenz) and the shifted float64 reference is exact.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    finfo = torch.finfo(dtype)
+    groups = []
+    if dtype == torch.float64:
+        groups.append(torch.tensor([[0.0, 1.0, -1.0, 0.5]], dtype=torch.float64) + 1e16)
+        moderate, ulp_spaced = (1e12, 4e15, -8e15, 1e16), (1e20, -1e100, 1e300)
+    else:
+        groups.append(torch.full((1, 3), 1e20, dtype=dtype))
+        groups.append(torch.full((1, 100), 1e37, dtype=dtype))
+        moderate, ulp_spaced = (3e4, 8e6, -1.6e7), (1e20, -1e30, 1e37)
+    for c in (3, 17):
+        if finfo.eps < 1e-3:  # offsets where spreads of a few units survive rounding (not for float16/bfloat16)
+            offsets = torch.tensor(moderate, dtype=torch.float64)[torch.randint(0, len(moderate), (12,), generator=gen)]
+            groups.append((offsets[:, None] + 3 * torch.randn(12, c, generator=gen, dtype=torch.float64)).to(dtype))
+        offsets = torch.tensor(ulp_spaced, dtype=torch.float64)[torch.randint(0, len(ulp_spaced), (12,), generator=gen)]
+        base = offsets.to(dtype)
+        ulp = (torch.nextafter(base.abs(), torch.tensor(math.inf, dtype=dtype)) - base.abs()).double()
+        steps = torch.randint(-3, 1, (12, c), generator=gen).double()  # 0 (the max, often tied) down to 3 ulp below
+        groups.append((base.double()[:, None] + steps * ulp[:, None]).to(dtype))
+    return [(z, torch.randint(0, z.shape[1], (z.shape[0],), generator=gen)) for z in groups]
+
+
+def exact_rows_and_grad(kind, z, y):
+    """Per-row loss and its gradient from the definitions, in 300-bit arithmetic (mpmath) on the exact logits
+    shifted by the row max (exactly: the rows of huge_logit_groups lie within a factor of 2 of it).
+
+    ICE = softplus(z_y - logsumexp_{j != y} z_j) = -log(1 - p_y), gradient p_y (e_y - q) (q: softmax over j != y);
+    KLU = logsumexp(z) - mean(z) - log C, gradient p - 1/C; ICE_ref = z_y + logsumexp(-z), gradient e_y - softmax(-z).
+    Returns float64 (loss (M,), gradient (M, C)).
+    """
+    mpmath = pytest.importorskip("mpmath")
+    mp = mpmath.mp.clone() if hasattr(mpmath.mp, "clone") else mpmath.mp
+    mp.prec = 300
+
+    def softmax(xs):
+        top = max(xs)
+        e = [mp.exp(x - top) for x in xs]
+        total = sum(e)
+        return [x / total for x in e], top + mp.log(total)
+
+    losses, grads = [], []
+    for row, t in zip(z.double().cpu().tolist(), y.cpu().tolist()):
+        # relative to the row max (every loss is shift-invariant): 1e300 + 0.7 would need 1000 bits
+        x = [mp.mpf(v) - mp.mpf(max(row)) for v in row]
+        assert all(xj + mp.mpf(max(row)) == mp.mpf(v) for xj, v in zip(x, row))  # exact
+        c = len(x)
+        p, lse = softmax(x)
+        klu = lse - sum(x) / c - mp.log(c)
+        klu_grad = [pj - mp.mpf(1) / c for pj in p]
+        others = [x[j] for j in range(c) if j != t]
+        q_others, lse_others = softmax(others)
+        d = x[t] - lse_others
+        ice = mp.log1p(mp.exp(d))
+        p_y = 1 / (1 + mp.exp(-d))
+        q = q_others[:t] + [mp.mpf(0)] + q_others[t:]
+        ice_grad = [p_y * ((1 if j == t else 0) - q[j]) for j in range(c)]
+        if kind in ("klu", "klu_target"):
+            loss, grad = klu, klu_grad
+        elif kind == "ice":
+            loss, grad = ice, ice_grad
+        elif kind == "ice_reference":
+            r, lse_neg = softmax([-v for v in x])
+            loss, grad = x[t] + lse_neg, [(1 if j == t else 0) - r[j] for j in range(c)]
+        else:
+            loss, grad = 0.7 * ice + 1.3 * klu, [0.7 * a + 1.3 * b for a, b in zip(ice_grad, klu_grad)]
+        losses.append(float(loss))
+        grads.append([float(g) for g in grad])
+    return torch.tensor(losses, dtype=torch.float64), torch.tensor(grads, dtype=torch.float64).reshape(z.shape)
+
+
+def exact_cross_entropy(z, y):
+    """F.cross_entropy's exact value and gradient per row (softmax - e_y), as exact_rows_and_grad."""
+    mpmath = pytest.importorskip("mpmath")
+    mp = mpmath.mp.clone() if hasattr(mpmath.mp, "clone") else mpmath.mp
+    mp.prec = 300
+    losses, grads = [], []
+    for row, t in zip(z.double().cpu().tolist(), y.cpu().tolist()):
+        x = [mp.mpf(v) - mp.mpf(max(row)) for v in row]  # as in exact_rows_and_grad
+        top = max(x)
+        e = [mp.exp(v - top) for v in x]
+        total = sum(e)
+        losses.append(float(top + mp.log(total) - x[t]))
+        grads.append([float(ej / total - (1 if j == t else 0)) for j, ej in enumerate(e)])
+    return torch.tensor(losses, dtype=torch.float64), torch.tensor(grads, dtype=torch.float64).reshape(z.shape)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_huge_logits_match_exact_reference(kind, dtype, seed, device):
+    """Logits of 1e16 (float64) or up to 1e37 (float32) lose nothing: the kernels work relative to the row max.
+
+    Per row, |error| <= 2 |F.cross_entropy's error on that row| + 8 eps (1 + |loss| + sum_j |dloss/dz_j| |z_j - max|):
+    the error of perturbing each shifted logit by a relative eps, a bound F.cross_entropy itself meets.
+    The gradient's error is bounded alike (plus F.cross_entropy's gradient error on the row).
+    """
+    eps = torch.finfo(dtype).eps
+    for z, y in huge_logit_groups(dtype, seed):
+        z, y = z.to(device), y.to(device)
+        target = y if uses_target(kind) else None
+        v = torch.randn(z.shape[0], generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype).double()
+        actual, actual_grad = loss_and_grad(lambda x: call_loss(kind, x, target, reduction="none"), z, v)
+        expected, unit_grad = exact_rows_and_grad(kind, z, y)
+        shifted = (z.double() - z.double().amax(1, keepdim=True)).cpu()
+        condition = (unit_grad.abs() * shifted.abs()).sum(1)
+        # F.cross_entropy on the same rows, in the same dtype, against its exact value
+        ce, ce_grad = loss_and_grad(lambda x: F.cross_entropy(x, y, reduction="none"), z, v)
+        ce_exact, ce_exact_grad = exact_cross_entropy(z, y)
+        ce_err = (ce.double().cpu() - ce_exact).abs()
+        ce_grad_err = (ce_grad.double().cpu() - v[:, None] * ce_exact_grad).abs().amax(1)
+        err = (actual.double().cpu() - expected).abs()
+        assert torch.isfinite(actual).all() and torch.isfinite(actual_grad).all()
+        bound = 2 * ce_err + 8 * eps * (1 + expected.abs() + condition)
+        assert (err <= bound).all(), (kind, dtype, z[err > bound], err[err > bound], bound[err > bound])
+        grad_err = (actual_grad.double().cpu() - v[:, None] * unit_grad).abs().amax(1)
+        grad_bound = 2 * ce_grad_err + 8 * eps * (1 + math.log(z.shape[1])) * v.abs()
+        assert (grad_err <= grad_bound).all(), (kind, dtype, z[grad_err > grad_bound], grad_err, grad_bound)
+        if kind in ("klu", "klu_target"):
+            assert (actual >= 0).all()
+
+
+def test_huge_logits_bug_report_values(device):
+    """The reported rows: ICE log(4/3) (not 0.127) and KLU 0 (not 0.614, -1.0986 or -inf)."""
+    z = torch.tensor([[0.0, 1.0, -1.0, 0.5]], dtype=torch.float64, device=device) + 1e16  # all 1e16 after rounding
+    y = torch.tensor([0], device=device)
+    torch.testing.assert_close(SF.inverse_cross_entropy(z, y).cpu(), torch.tensor(math.log(4 / 3), dtype=torch.float64))
+    assert SF.kl_uniform(z).item() == 0 and SF.kl_uniform(z, y).item() == pytest.approx(0, abs=1e-15)
+    for value, c in ((1e20, 3), (1e37, 100)):
+        z = torch.full((2, c), value, device=device, requires_grad=True)
+        assert SF.kl_uniform(z).item() == 0
+        (grad,) = torch.autograd.grad(SF.kl_uniform(z), z)
+        assert torch.all(grad == 0)  # p = 1/C exactly
+        (grad,) = torch.autograd.grad(SF.inverse_cross_entropy(z, torch.tensor([0, 1], device=device)), z)
+        expected = torch.full((c,), -1 / (c * (c - 1)), dtype=torch.float64)
+        expected[0] = 1 / c
+        torch.testing.assert_close(grad[0].double().cpu(), expected / 2, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kl_uniform_is_never_negative(dtype, device):
+    """Nearly uniform rows: KLU ~ 1e-15 exactly, which float32 rounding used to turn negative (~-1e-7)."""
+    gen = torch.Generator().manual_seed(20)
+    for offset in (0.0, 3.0, -7.0, 1e4):
+        z = (offset + 1e-7 * torch.randn(500, 7, generator=gen, dtype=torch.float64)).to(dtype).to(device)
+        y = torch.randint(0, 7, (500,), generator=gen).to(device)
+        for target in (None, y):
+            klu = SF.kl_uniform(z, target, reduction="none")
+            assert (klu >= 0).all()
+            expected = reference_rows("klu", z.double().cpu(), None)
+            assert max_err(klu, expected) <= 8 * torch.finfo(dtype).eps * (1 + math.log(7))
+            fused = SF.suppression_loss(z, y, 0.0, 1.0, reduction="none")
+            assert (fused >= 0).all()
+
+
+@pytest.mark.parametrize("kind", ["ice", "ice_only_fused", "ice_reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ice_gradient_is_finite_at_infinite_off_target_logits(kind, dtype, device):
+    """ICE is exactly 0 when an off-target logit is +inf; its gradient there is the limit, 0, not NaN."""
+    inf = math.inf
+    logits = torch.tensor(
+        [[0.0, 1.0, inf], [2.0, inf, inf], [-inf, 3.0, inf], [1.0, -inf, 0.5], [0.3, -1.0, 2.0]], dtype=dtype, device=device
+    )
+    target = torch.tensor([0, 0, 1, 2, 1], device=device)
+    if kind == "ice_reference":  # CE(1 - z, y) is infinite at a -inf logit (rows 2 and 3)
+        logits, target = logits[[0, 1, 4]], target[[0, 1, 4]]
+
+    def fn(x, t):
+        if kind == "ice":
+            return SF.inverse_cross_entropy(x, t, reduction="none")
+        if kind == "ice_only_fused":
+            return SF.suppression_loss(x, t, 2.0, 0.0, reduction="none")
+        return SF.inverse_cross_entropy_reference(x, t, reduction="none")
+
+    x = logits.clone().requires_grad_()
+    loss = fn(x, target)
+    assert torch.isfinite(loss).all()
+    (grad,) = torch.autograd.grad(loss.sum(), x, create_graph=True)
+    assert torch.isfinite(grad).all()
+    if kind != "ice_reference":
+        assert torch.all(loss[:3] == 0) and torch.all(grad[:3] == 0)
+    # the finite rows as on their own
+    finite = [3, 4] if kind != "ice_reference" else [2]
+    alone = logits[finite].clone().requires_grad_()
+    torch.testing.assert_close(grad[finite], torch.autograd.grad(fn(alone, target[finite]).sum(), alone)[0])
+    # second order stays finite too
+    (hvp,) = torch.autograd.grad(grad.sum(), x)
+    assert torch.isfinite(hvp).all()
+
+
+@pytest.mark.parametrize("bad", [1.5, 1.0, True, False, "1", None])
+def test_ignore_index_must_be_an_int(bad):
+    """As F.cross_entropy: a float ignore_index (even 1.0) or a bool is a TypeError, not half-applied."""
+    logits, target, weight = random_inputs((4, 3), seed=21)
+    with pytest.raises(TypeError):
+        F.cross_entropy(logits, target, ignore_index=bad)
+    calls = [
+        lambda: SF.inverse_cross_entropy(logits, target, ignore_index=bad),
+        lambda: SF.inverse_cross_entropy_reference(logits, target, ignore_index=bad),
+        lambda: SF.kl_uniform(logits, target, ignore_index=bad),
+        lambda: SF.kl_uniform(logits, ignore_index=bad),
+        lambda: SF.suppression_loss(logits, target, ignore_index=bad),
+        lambda: SN.InverseCrossEntropyLoss(ignore_index=bad),
+        lambda: SN.InverseCrossEntropyReferenceLoss(weight, ignore_index=bad),
+        lambda: SN.KLUniformLoss(ignore_index=bad),
+        lambda: SN.SuppressionLoss(0.5, 1.0, ignore_index=bad),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"ignore_index: must be an int"):
+            call()
+    module = SN.SuppressionLoss()
+    module.ignore_index = bad  # set after construction: the functional check still applies
+    with pytest.raises(TypeError, match=r"ignore_index: must be an int"):
+        module(logits, target)
+
+
+def test_integer_ignore_index_types_are_accepted():
+    np = pytest.importorskip("numpy")
+    logits, target, _ = random_inputs((6, 3), seed=22)
+    target[1] = 1
+    expected = SF.suppression_loss(logits, target, ignore_index=1)
+    for index in (np.int64(1), np.int32(1), torch.tensor(1)):
+        torch.testing.assert_close(SF.suppression_loss(logits, target, ignore_index=index), expected)
+        torch.testing.assert_close(SN.SuppressionLoss(ignore_index=index)(logits, target), expected)
+    with pytest.raises(TypeError, match="ignore_index"):
+        SF.inverse_cross_entropy(logits, target, ignore_index=np.float64(1.0))
+    for bad in (np.bool_(True), torch.tensor(True), torch.tensor(1.0)):
+        with pytest.raises(TypeError, match="ignore_index"):
+            SF.inverse_cross_entropy(logits, target, ignore_index=bad)
+
+
 # --------------------------------------------------------------------------- gradients
 
 
@@ -283,10 +526,10 @@ def test_gradcheck_through_raw_ops_and_their_stats():
     g = torch.randn(4, dtype=torch.float64, requires_grad=True)
     x = logits.requires_grad_()
     for klu_target in (target, None):
-        # without a target the stats' second column is the constant -inf (p_y = 0): check the loss only
-        ice_weight, outputs = (0.6, slice(None)) if klu_target is not None else (0.0, 0)
-        assert torch.autograd.gradcheck(lambda x: ops.suppression_loss(x, klu_target, ice_weight, 1.4, -100)[outputs], (x,))
-        stats = ops.suppression_loss(x.detach(), klu_target, ice_weight, 1.4, -100)[1].requires_grad_(klu_target is not None)
+        # stats (m, r): the non-target max and log sum exp(z_j - m), differentiable with or without a target
+        ice_weight = 0.6 if klu_target is not None else 0.0
+        assert torch.autograd.gradcheck(lambda x: ops.suppression_loss(x, klu_target, ice_weight, 1.4, -100), (x,))
+        stats = ops.suppression_loss(x.detach(), klu_target, ice_weight, 1.4, -100)[1].requires_grad_()
         assert torch.autograd.gradgradcheck(
             lambda g, x, s: ops.suppression_loss_backward(g, x, klu_target, s, ice_weight, 1.4, -100), (g, x, stats)
         )

@@ -10,7 +10,12 @@ shape ``(N,)``, ``(N, d1, ...)`` or ``()``, an optional class ``weight`` (C,),
   non-ignored elements (as ``F.cross_entropy`` does); without ``weight`` it
   divides by the number of non-ignored elements;
 - elements whose target equals ``ignore_index`` contribute 0 to the loss and
-  to the gradient, and are left out of the mean (for KLU too).
+  to the gradient, and are left out of the mean (for KLU too); ``ignore_index``
+  must be an int (a float or a bool raises TypeError, as in ``F.cross_entropy``).
+
+Every per-row quantity is computed relative to the row's max logit, never as
+max + (something small): logits far from 0 (1e16 in float64, 1e37 in float32)
+lose no precision, as in ``F.cross_entropy``.
 
 The per-row work runs in compiled kernels (``torch.ops.sophon_ext.*``, see
 csrc/cpu/suppression_loss.cpp and csrc/cuda/suppression_loss.cu): one pass
@@ -27,6 +32,7 @@ returned in the logits' dtype.
 from __future__ import annotations
 
 import math
+import operator
 from numbers import Real
 
 import torch
@@ -117,32 +123,56 @@ def _target_logit(z: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     return z.gather(1, torch.where(target != ignore_index, target, 0)[:, None]).squeeze(1)
 
 
-def _logsumexp_float64(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Row logsumexp as the kernels compute it: (float64 result, shift in z's dtype).
+def _shifted_logsumexp(z: Tensor, skip: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Row logsumexp as the kernels compute it, kept apart as shift + log_sum.
 
-    The shift is the row max, or 0 when that is infinite (as torch.logsumexp).
+    Returns (shift in z's dtype, float64 r = log sum_j exp(z_j - shift), z - shift).
+    The shift is the row max (of the entries not in ``skip``), or 0 when that
+    is infinite (as torch.logsumexp). shift + r is never formed: at logits of
+    1e16 (float64) or 1e37 (float32) it would round r away.
     """
-    m = z.amax(1)
+    kept = z if skip is None else z.masked_fill(skip, float("-inf"))
+    m = kept.amax(1)
     shift = torch.where(m.isinf(), 0, m)
-    total = torch.exp(z - shift[:, None]).sum(1)
-    return shift.double() + total.double().log(), shift
+    dev = z - shift[:, None]
+    e = torch.exp(dev if skip is None else dev.masked_fill(skip, float("-inf")))
+    return shift, e.sum(1).double().log(), dev
 
 
-def _exp_minus(z: Tensor, lse: Tensor) -> Tensor:
-    """exp(z - lse) for a float64 lse, exact to z's precision: lse = hi + remainder."""
-    hi = lse.to(z.dtype)
-    scale = torch.where(lse.isfinite(), torch.exp(hi.double() - lse), 1.0).to(z.dtype)
-    return torch.exp(z - hi[:, None]) * scale[:, None]
+def _scaled_exp(x: Tensor, m: Tensor, r: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """a q + b with q = exp(x - m - r) in [0, 1] for float64 row stats (m, r), as the kernels.
+
+    Finite m and r: (a exp(-r)) exp(x - m), exact to x's precision at any
+    magnitude of m; otherwise exp(x - (m + r)). a == 0 gives b: q is bounded,
+    so a q is 0 even where q is inf - inf (a +inf logit when p_y = 0).
+    """
+    finite = m.isfinite() & r.isfinite()
+    shift = torch.where(finite, m, m + r).to(x.dtype)
+    coef = torch.where(finite, a * torch.exp(-r), a).to(x.dtype)
+    out = coef[:, None] * torch.exp(x - shift[:, None]) + b.to(x.dtype)[:, None]
+    return torch.where((a == 0)[:, None], b.to(x.dtype)[:, None], out)
+
+
+def _suppression_d(z: Tensor, target: Tensor | None, ignore_index: int, m: Tensor, r: Tensor) -> Tensor:
+    """d = (z_y - m) - r, float64, as the kernels (-inf without a target)."""
+    if target is None:
+        return torch.full_like(r, float("-inf"))
+    return (_target_logit(z, target, ignore_index).double() - m) - r
 
 
 def _suppression_reference(logits, target, ice_weight, klu_weight, ignore_index):
     """Reference for sophon_ext::suppression_loss; same outputs as the kernels.
 
     Per row: ``loss = ice_weight * ICE + klu_weight * KLU`` (0 for ignored rows)
-    and float64 ``stats = (L, d)`` with L = logsumexp over the non-target
-    classes and d = z_y - L (without target: L = logsumexp over all classes,
-    d = -inf). Then ICE = softplus(d), p_y = sigmoid(d),
-    logsumexp(z) = L + softplus(d).
+    and float64 ``stats = (m, r)``: m is the max of the non-target logits (of
+    all logits without a target; 0 when infinite) and r = log sum_{j != y}
+    exp(z_j - m), so L = m + r is the logsumexp over the non-target classes.
+    With d = (z_y - m) - r (-inf without a target): ICE = softplus(d),
+    p_y = sigmoid(d), logsumexp(z) - m = r + softplus(d), and
+    KLU = r + softplus(d) - mean_j (z_j - m) - log C, clamped at 0 (KL >= 0
+    by Jensen, so a negative value is rounding, and clamping it only moves the
+    result toward the exact one). Nothing is computed as m + (small): that
+    would lose the small part at logits of 1e16.
     """
     _check_rows("suppression_loss", logits, target, ice_weight != 0)
     z = logits.to(_accumulation_dtype(logits.dtype))
@@ -150,30 +180,30 @@ def _suppression_reference(logits, target, ice_weight, klu_weight, ignore_index)
     if target is not None:
         _check_target_range("suppression_loss", target, c, ignore_index)
     valid, is_y = _row_masks(target, ignore_index, z)
-    lse_rest, _ = _logsumexp_float64(z.masked_fill(is_y, float("-inf")))
-    if target is None:
-        d = torch.full_like(lse_rest, float("-inf"))
-    else:
-        d = _target_logit(z, target, ignore_index).double() - lse_rest
+    shift, r, dev = _shifted_logsumexp(z, is_y)
+    m = shift.double()
+    d = _suppression_d(z, target, ignore_index, m, r)
     ice = torch.logaddexp(d, torch.zeros_like(d))  # softplus without overflow
     loss = torch.zeros_like(d)
     # A zero weight must not turn an infinite term into NaN (0 * inf).
     if ice_weight != 0:
         loss = loss + ice_weight * ice
     if klu_weight != 0:
-        loss = loss + klu_weight * (lse_rest + ice - z.sum(1).double() / c - math.log(c))
-    stats = _zero_invalid(valid, torch.stack([lse_rest, d], 1))
+        klu = r + ice - dev.sum(1).double() / c - math.log(c)
+        loss = loss + klu_weight * klu.clamp_min(0)  # clamp_min keeps NaN
+    stats = _zero_invalid(valid, torch.stack([m, r], 1))
     return _zero_invalid(valid, loss).to(logits.dtype), stats
 
 
 def _suppression_backward_reference(grad_loss, logits, target, stats, ice_weight, klu_weight, ignore_index):
     """Reference for sophon_ext::suppression_loss_backward.
 
-    With q = softmax over the non-target classes (q_y = 0) and p = softmax(z):
-    dICE/dz = p_y (e_y - q) and dKLU/dz = p - 1/C, where p_j = (1 - p_y) q_j
-    for j != y. So grad_j = g (a q_j + b) off the target with
-    a = klu_weight (1 - p_y) - ice_weight p_y, b = -klu_weight / C, and
-    grad_y = g (ice_weight p_y + klu_weight (p_y - 1/C)).
+    With q = softmax over the non-target classes (q_j = exp(z_j - m - r),
+    q_y = 0) and p = softmax(z): dICE/dz = p_y (e_y - q) and dKLU/dz = p - 1/C,
+    where p_j = (1 - p_y) q_j for j != y. So grad_j = a q_j + b off the target
+    with a = g (klu_weight (1 - p_y) - ice_weight p_y), b = -g klu_weight / C,
+    and grad_y = g (ice_weight p_y + klu_weight (p_y - 1/C)); d is recomputed
+    from z_y and the stats (m, r) as the forward computed it.
     """
     _check_rows("suppression_loss_backward", logits, target, ice_weight != 0)
     _check_row_input("suppression_loss_backward", "grad_loss", grad_loss, logits, ())
@@ -184,43 +214,46 @@ def _suppression_backward_reference(grad_loss, logits, target, stats, ice_weight
         _check_target_range("suppression_loss_backward", target, c, ignore_index)
     valid, is_y = _row_masks(target, ignore_index, z)
     g = grad_loss.double()
-    lse_rest, d = stats.double().unbind(1)
+    m, r = stats.double().unbind(1)
+    d = _suppression_d(z, target, ignore_index, m, r)
     p_y, rest = torch.sigmoid(d), torch.sigmoid(-d)
-    a = (g * (klu_weight * rest - ice_weight * p_y)).to(z.dtype)
-    b = (g * (-klu_weight / c)).to(z.dtype)
+    a = g * (klu_weight * rest - ice_weight * p_y)
+    b = g * (-klu_weight / c)
     grad_y = (g * (ice_weight * p_y + klu_weight * (p_y - 1.0 / c))).to(z.dtype)
-    grad = torch.where(is_y, grad_y[:, None], a[:, None] * _exp_minus(z, lse_rest) + b[:, None])
+    grad = torch.where(is_y, grad_y[:, None], _scaled_exp(z, m, r, a, b))
     return _zero_invalid(valid, grad).to(logits.dtype)
 
 
 def _ice_reference_reference(logits, target, ignore_index):
     """Reference for sophon_ext::inverse_cross_entropy_reference.
 
-    Per row: loss = CE(1 - z, y) = z_y + logsumexp(-z); float64 stats = logsumexp(-z).
+    Per row: loss = CE(1 - z, y) = z_y + logsumexp(-z) = (z_y + m) + r with
+    float64 stats (m, r): m = max_j (-z_j) (0 when infinite), r = log sum_j exp(-z_j - m).
     """
     _check_rows("inverse_cross_entropy_reference", logits, target, True)
     z = logits.to(_accumulation_dtype(logits.dtype))
     _check_target_range("inverse_cross_entropy_reference", target, z.shape[1], ignore_index)
     valid, is_y = _row_masks(target, ignore_index, z)
-    lse_neg, shift = _logsumexp_float64(-z)
-    # z_y + shift first: both large and close when y is the lowest logit
-    loss = (_target_logit(z, target, ignore_index) + shift).double() + (lse_neg - shift.double())
-    return _zero_invalid(valid, loss).to(logits.dtype), _zero_invalid(valid, lse_neg)
+    shift, r, _ = _shifted_logsumexp(-z)
+    m = shift.double()
+    # z_y + m first: both large and close when y is the lowest logit
+    loss = (_target_logit(z, target, ignore_index).double() + m) + r
+    return _zero_invalid(valid, loss).to(logits.dtype), _zero_invalid(valid, torch.stack([m, r], 1))
 
 
 def _ice_reference_backward_reference(grad_loss, logits, target, stats, ignore_index):
     """Reference for sophon_ext::inverse_cross_entropy_reference_backward: g (e_y - softmax(-z))."""
     _check_rows("inverse_cross_entropy_reference_backward", logits, target, True)
     _check_row_input("inverse_cross_entropy_reference_backward", "grad_loss", grad_loss, logits, ())
-    _check_row_input("inverse_cross_entropy_reference_backward", "stats", stats, logits, ())
+    _check_row_input("inverse_cross_entropy_reference_backward", "stats", stats, logits, (2,))
     z = logits.to(_accumulation_dtype(logits.dtype))
     _check_target_range("inverse_cross_entropy_reference_backward", target, z.shape[1], ignore_index)
     valid, is_y = _row_masks(target, ignore_index, z)
     g = grad_loss.double()
-    lse_neg = stats.double()
-    # g (1 - r_y) from float64 values: r_y can be within rounding of 1
-    grad_y = (g * -torch.expm1(-_target_logit(z, target, ignore_index).double() - lse_neg)).to(z.dtype)
-    grad = torch.where(is_y, grad_y[:, None], -g.to(z.dtype)[:, None] * _exp_minus(-z, lse_neg))
+    m, r = stats.double().unbind(1)
+    # g (1 - R_y) from float64 values: R_y can be within rounding of 1
+    grad_y = (g * -torch.expm1((-_target_logit(z, target, ignore_index).double() - m) - r)).to(z.dtype)
+    grad = torch.where(is_y, grad_y[:, None], _scaled_exp(-z, m, r, -g, torch.zeros_like(g)))
     return _zero_invalid(valid, grad).to(logits.dtype)
 
 
@@ -255,7 +288,7 @@ def _(grad_loss, logits, target, stats, ice_weight, klu_weight, ignore_index):
 @torch.library.register_fake("sophon_ext::inverse_cross_entropy_reference")
 def _(logits, target, ignore_index):
     _check_rows("inverse_cross_entropy_reference", logits, target, True)
-    return _fake_rows(logits, ())
+    return _fake_rows(logits, (2,))
 
 
 @torch.library.register_fake("sophon_ext::inverse_cross_entropy_reference_backward")
@@ -270,13 +303,27 @@ def _(grad_loss, logits, target, stats, ignore_index):
 # on its own, so gradients of any order of the composition are right. ---
 
 
+def _shift_vjp(z: Tensor) -> Tensor:
+    """d(shift)/dz for a row shift = max_j z_j (first argmax on ties); 0 where the max is not finite (shift = 0)."""
+    m, k = z.max(1)
+    return F.one_hot(k, z.shape[1]).double() * m.isfinite().double()[:, None]
+
+
+def _times_bounded(coef: Tensor, x: Tensor) -> Tensor:
+    """coef[:, None] * x for x with values in [0, 1] (a softmax): 0 where coef is 0, even where x is NaN
+    from inf - inf (a +inf logit), as the kernels' a q_j."""
+    return torch.where((coef == 0)[:, None], 0.0, coef[:, None] * x)
+
+
 def _suppression_stats_vjp(grad_stats: Tensor, logits: Tensor, target, ignore_index: int) -> Tensor:
-    """d/dz of <grad_stats, (L, d)>: dL/dz = q (softmax over the non-target classes), dd/dz = e_y - q."""
+    """d/dz of <grad_stats, (m, r)>: m = L - r is the non-target max, L = m + r the
+    non-target logsumexp, so dm/dz = e_k (k its argmax) and dr/dz = q - e_k, q the
+    softmax over the non-target classes."""
     z = logits.double()
     valid, is_y = _row_masks(target, ignore_index, z)
-    grad_l, grad_d = grad_stats.double().unbind(1)
-    q = torch.softmax(z.masked_fill(is_y, float("-inf")), 1)
-    grad = (grad_l - grad_d)[:, None] * q + grad_d[:, None] * is_y.double()
+    grad_m, grad_r = grad_stats.double().unbind(1)
+    rest = z.masked_fill(is_y, float("-inf"))
+    grad = (grad_m - grad_r)[:, None] * _shift_vjp(rest) + _times_bounded(grad_r, torch.softmax(rest, 1))
     return _zero_invalid(valid, grad).to(logits.dtype)
 
 
@@ -305,35 +352,40 @@ def _suppression_second_setup(ctx, inputs, output):
 
 
 def _suppression_second_backward(ctx, v):
-    """Partial derivatives of G = suppression_loss_backward(g, z, target, (L, d)).
+    """Partial derivatives of G = suppression_loss_backward(g, z, target, (m, r)).
 
-    Off the target, G_j = g (a(d) E_j + b) with E_j = exp(z_j - L); G_y does
-    not depend on z or L. a'(d) = -(ice_weight + klu_weight) s(d) s(-d), and
-    G_y's derivative in d is (ice_weight + klu_weight) s(d) s(-d).
+    With d = z_y - m - r, off the target G_j = a(d) E_j + b with
+    E_j = exp(z_j - m - r), a(d) = g (klu_weight s(-d) - ice_weight s(d)),
+    b = -g klu_weight / C; G_y = g (ice_weight s(d) + klu_weight (s(d) - 1/C)).
+    a'(d) = -w and G_y'(d) = w with w = g (ice_weight + klu_weight) s(d) s(-d).
+    G depends on m and r only through m + r, so their partials are equal.
     """
     grad_loss, logits, target, stats = ctx.saved_tensors
     ice_weight, klu_weight, ignore_index = ctx.constants
     z, v, g = logits.double(), v.double(), grad_loss.double()
     c = z.shape[1]
     valid, is_y = _row_masks(target, ignore_index, z)
-    lse_rest, d = stats.double().unbind(1)
+    m, r = stats.double().unbind(1)
+    d = _suppression_d(z, target, ignore_index, m, r)
     p_y, rest = torch.sigmoid(d), torch.sigmoid(-d)
-    a = klu_weight * rest - ice_weight * p_y
-    # masking z (not E) keeps E_y = 0 without inf * 0 in higher derivatives
-    e = torch.exp(z.masked_fill(is_y, float("-inf")) - lse_rest[:, None])
+    a0 = klu_weight * rest - ice_weight * p_y
+    a, w = g * a0, g * (ice_weight + klu_weight) * p_y * rest
+    # masking z (not E) keeps E_y = 0 without inf * 0 in higher derivatives;
+    # where every use of E has coefficient 0, E (in [0, 1]) is 0 even at inf - inf
+    e = torch.exp((z.masked_fill(is_y, float("-inf")) - m[:, None]) - r[:, None])
+    e = torch.where(((a0 == 0) & (p_y * rest == 0))[:, None], 0.0, e)
     g_y = ice_weight * p_y + klu_weight * (p_y - 1.0 / c)
-    u = torch.where(is_y, g_y[:, None], a[:, None] * e - klu_weight / c)
+    u = torch.where(is_y, g_y[:, None], a0[:, None] * e - klu_weight / c)
     v_e = (v * e).sum(1)
     v_y = (v * is_y.double()).sum(1)
     grad_g = (v * u).sum(1)
-    grad_z = (g * a)[:, None] * v * e
-    grad_l = -grad_z.sum(1)
-    grad_d = g * (ice_weight + klu_weight) * p_y * rest * (v_y - v_e)
+    grad_z = a[:, None] * v * e + is_y.double() * (w * (v_y - v_e))[:, None]
+    grad_shift = -a * v_e - w * (v_y - v_e)
     return (
         _zero_invalid(valid, grad_g).to(grad_loss.dtype),
         _zero_invalid(valid, grad_z).to(logits.dtype),
         None,
-        _zero_invalid(valid, torch.stack([grad_l, grad_d], 1)).to(stats.dtype),
+        _zero_invalid(valid, torch.stack([grad_shift, grad_shift], 1)).to(stats.dtype),
         None,
         None,
         None,
@@ -352,9 +404,13 @@ def _ice_reference_backward(ctx, grad_loss, grad_stats, backward_op=_ice_referen
     grad = None
     if grad_loss is not None:
         grad = backward_op(grad_loss, logits, target, stats, ctx.ignore_index)
-    if grad_stats is not None:  # stats = logsumexp(-z): d/dz = -softmax(-z)
+    if grad_stats is not None:
+        # stats (m, r): m = max(-z), m + r = logsumexp(-z), so dm/dz = -e_k (k = argmin z), dr/dz = e_k - softmax(-z)
         valid, _ = _row_masks(target, ctx.ignore_index, logits)
-        extra = _zero_invalid(valid, -grad_stats.double()[:, None] * torch.softmax(-logits.double(), 1)).to(logits.dtype)
+        neg = -logits.double()
+        grad_m, grad_r = grad_stats.double().unbind(1)
+        extra = (grad_r - grad_m)[:, None] * _shift_vjp(neg) - _times_bounded(grad_r, torch.softmax(neg, 1))
+        extra = _zero_invalid(valid, extra).to(logits.dtype)
         grad = extra if grad is None else grad + extra
     return grad, None, None
 
@@ -366,18 +422,20 @@ def _ice_reference_second_setup(ctx, inputs, output):
 
 
 def _ice_reference_second_backward(ctx, v):
-    """Partial derivatives of G = g (e_y - R), R_j = exp(-z_j - S), S the stats."""
+    """Partial derivatives of G = g (e_y - R), R_j = exp(-z_j - m - r), (m, r) the stats (equal partials)."""
     grad_loss, logits, target, stats = ctx.saved_tensors
     z, v, g = logits.double(), v.double(), grad_loss.double()
     valid, is_y = _row_masks(target, ctx.ignore_index, z)
-    r = torch.exp(-z - stats.double()[:, None])
-    grad_g = (v * (is_y.double() - r)).sum(1)
-    grad_z = g[:, None] * v * r
+    m, r = stats.double().unbind(1)
+    big_r = torch.exp((-z - m[:, None]) - r[:, None])
+    grad_g = (v * (is_y.double() - big_r)).sum(1)
+    grad_z = g[:, None] * v * big_r
+    grad_shift = grad_z.sum(1)
     return (
         _zero_invalid(valid, grad_g).to(grad_loss.dtype),
         _zero_invalid(valid, grad_z).to(logits.dtype),
         None,
-        _zero_invalid(valid, grad_z.sum(1)).to(stats.dtype),
+        _zero_invalid(valid, torch.stack([grad_shift, grad_shift], 1)).to(stats.dtype),
         None,
     )
 
@@ -548,6 +606,23 @@ def _check_loss_weight(name: str, value) -> float:
     return float(value)
 
 
+def _check_ignore_index(value) -> int:
+    """ignore_index as an int; like F.cross_entropy, anything else (a float, even 1.0, or a bool) is a TypeError."""
+    if not _is_bool(value):
+        try:
+            return operator.index(value)  # int, numpy integers, integer one-element tensors
+        except TypeError:
+            pass
+    raise TypeError(f"ignore_index: must be an int, got {type(value).__name__} ({value!r})")
+
+
+def _is_bool(value) -> bool:
+    """Python, numpy and torch booleans (all of which operator.index would take as 0 or 1)."""
+    if isinstance(value, (bool, Tensor)):
+        return isinstance(value, bool) or value.dtype == torch.bool
+    return type(value).__name__ == "bool_" and type(value).__module__ == "numpy"
+
+
 def _as_rows(logits: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """(N, C, d1, ...) -> (N * d1 * ..., C) rows, class dimension last."""
     if logits.dim() == 1:
@@ -578,8 +653,10 @@ def _reduce(values: Tensor, logits: Tensor, target: Tensor | None, weight: Tenso
     return values.reshape(logits.shape[:1] + logits.shape[2:])
 
 
-def _prepare(logits, target, weight, reduction, target_required=True):
+def _prepare(logits, target, weight, ignore_index, reduction, target_required=True):
+    """Checks the common arguments; returns (int64 target or None, ignore_index as an int)."""
     _check_reduction(reduction)
+    ignore_index = _check_ignore_index(ignore_index)
     _check_logits(logits)
     if target is None:
         if target_required:
@@ -589,7 +666,7 @@ def _prepare(logits, target, weight, reduction, target_required=True):
     else:
         target = _check_target(logits, target)
     _check_weight(logits, weight)
-    return target
+    return target, ignore_index
 
 
 def suppression_loss(
@@ -610,11 +687,11 @@ def suppression_loss(
     of both terms. ``weight`` multiplies each element's combined loss by
     ``weight[target]``.
     """
-    target = _prepare(logits, target, weight, reduction)
+    target, ignore_index = _prepare(logits, target, weight, ignore_index, reduction)
     ice_weight = _check_loss_weight("ice_weight", ice_weight)
     klu_weight = _check_loss_weight("klu_weight", klu_weight)
     rows, row_target = _as_rows(logits, target)
-    values = _suppression_rows(rows, row_target, ice_weight, klu_weight, int(ignore_index))
+    values = _suppression_rows(rows, row_target, ice_weight, klu_weight, ignore_index)
     return _reduce(values, logits, row_target, weight, ignore_index, reduction)
 
 
@@ -646,11 +723,14 @@ def kl_uniform(
 
     Label-free: ``target`` is optional and only used to leave out elements
     whose target is ``ignore_index`` and to apply class ``weight``.
-    Zero exactly when the logits of an element are all equal.
+    Zero exactly when the logits of an element are all equal, and never
+    negative (KL >= 0; a rounding error below 0 is clamped to 0). Computed
+    relative to the row max, so logits of any magnitude (1e16 in float64,
+    1e37 in float32) keep their differences.
     """
-    target = _prepare(logits, target, weight, reduction, target_required=False)
+    target, ignore_index = _prepare(logits, target, weight, ignore_index, reduction, target_required=False)
     rows, row_target = _as_rows(logits, target)
-    values = _suppression_rows(rows, row_target, 0.0, 1.0, int(ignore_index))
+    values = _suppression_rows(rows, row_target, 0.0, 1.0, ignore_index)
     return _reduce(values, logits, row_target, weight, ignore_index, reduction)
 
 
@@ -670,9 +750,9 @@ def inverse_cross_entropy_reference(
     name to reproduce the reference runs; its gradient is
     ``e_y - softmax(-z)``.
     """
-    target = _prepare(logits, target, weight, reduction)
+    target, ignore_index = _prepare(logits, target, weight, ignore_index, reduction)
     rows, row_target = _as_rows(logits, target)
-    values = _ice_reference_rows(rows, row_target, int(ignore_index))
+    values = _ice_reference_rows(rows, row_target, ignore_index)
     return _reduce(values, logits, row_target, weight, ignore_index, reduction)
 
 

@@ -32,7 +32,7 @@ class _ClassLoss(nn.Module):
         if weight is not None and (not isinstance(weight, Tensor) or weight.dim() != 1 or not weight.is_floating_point()):
             raise ValueError(f"weight: must be a 1-D floating-point Tensor of class weights, got {weight!r}")
         self.register_buffer("weight", weight)
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = SF._check_ignore_index(ignore_index)  # an int, as nn.CrossEntropyLoss; 1.5 is a TypeError
         self.reduction = reduction
 
     def extra_repr(self) -> str:

@@ -137,13 +137,13 @@ Tensor suppression_loss_backward_cpu(const Tensor& grad_loss, const Tensor& logi
 
 std::tuple<Tensor, Tensor> ice_reference_cpu(const Tensor& logits, const Tensor& target, int64_t ignore_index) {
   return forward_rows("sophon_ext::inverse_cross_entropy_reference", row_kernel_set().ice_reference_forward, logits,
-                      target, 0, 0.0, 0.0, ignore_index);
+                      target, 2, 0.0, 0.0, ignore_index);
 }
 
 Tensor ice_reference_backward_cpu(const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
                                   const Tensor& stats, int64_t ignore_index) {
   return backward_rows("sophon_ext::inverse_cross_entropy_reference_backward", row_kernel_set().ice_reference_backward,
-                       grad_loss, logits, target, stats, 0, 0.0, 0.0, ignore_index);
+                       grad_loss, logits, target, stats, 2, 0.0, 0.0, ignore_index);
 }
 
 }  // namespace

@@ -7,23 +7,34 @@
 // the set at run time, as ATen does (ATEN_CPU_CAPABILITY=default forces the
 // baseline).
 //
-// Maths, per row z (C logits), target y (or none), L = logsumexp of the
-// non-target logits (all logits without a target), d = z_y - L (-inf without
-// a target):
-//   ICE = -log(1 - p_y) = softplus(d),   logsumexp(z) = L + softplus(d),
-//   KLU = logsumexp(z) - mean(z) - log C,
-//   dICE/dz = p_y (e_y - q) with q_j = exp(z_j - L) (j != y), q_y = 0, p_y = sigmoid(d),
+// Maths, per row z (C logits), target y (or none). Everything is relative to
+// a shift m, the max of the non-target logits (of all logits without a
+// target; 0 when that max is infinite, as torch.logsumexp): logits of 1e16
+// (float64) or 1e37 (float32) must not be rounded to the ulp of m, so no sum
+// m + (something small) is ever formed. With r = log sum_{j != y} exp(z_j - m)
+// (so logsumexp of the non-target logits is L = m + r) and
+// d = (z_y - m) - r = z_y - L (-inf without a target):
+//   ICE = -log(1 - p_y) = softplus(d),   logsumexp(z) - m = r + softplus(d),
+//   KLU = logsumexp(z) - mean(z) - log C = r + softplus(d) - mean_j (z_j - m) - log C,
+//     clamped at 0 (KL >= 0 by Jensen; a negative value is rounding only,
+//     and clamping it cannot move the result away from the exact one),
+//   dICE/dz = p_y (e_y - q) with q_j = exp(z_j - m - r) (j != y), q_y = 0, p_y = sigmoid(d),
 //   dKLU/dz = p - 1/C with p_j = (1 - p_y) q_j (j != y).
-// The reference-code variant: ICE_ref = CE(1 - z, y) = z_y + logsumexp(-z),
+// The off-target gradient a q_j + b has q_j in [0, 1]: where a == 0 (e.g.
+// ICE alone with p_y = 0, at a +inf off-target logit) it is b, also where
+// q_j itself would be inf - inf = NaN.
+// The reference-code variant: ICE_ref = CE(1 - z, y) = z_y + logsumexp(-z)
+//   = (z_y + m') + r' with m' = max_j (-z_j) and r' = log sum_j exp(-z_j - m'),
 //   dICE_ref/dz = e_y - softmax(-z).
-// Row stats saved for backward: (L, d) for the suppression loss, logsumexp(-z)
-// for the reference variant, always in float64: a float32 L of logits ~1e4
-// would be off by ulp(1e4) ~ 1e-3 and so would exp(z - L). The backward
-// splits L into a float part and a small remainder to keep exp(z - L) exact
-// to float rounding. Row sums accumulate in float for float/half/bfloat16,
+// Row stats saved for backward, float64: (m, r) for the suppression loss
+// (the backward recomputes d from z_y exactly as the forward does), (m', r')
+// for the reference variant. m is a logit of the row (exact in the logits'
+// accumulation type) and r lies in [0, log C] for finite rows, so the
+// backward's exp(z_j - m) * exp(-r) is exact to float rounding at any
+// magnitude. Row sums accumulate in float for float/half/bfloat16,
 // double for double. On AVX2, float row passes use a polynomial exp (~2 ulp,
 // exp_nonpositive) where every argument they keep is <= 0, i.e. when the
-// row's shift is finite; a NaN or infinite row max (or L) takes the exact exp.
+// row's shift is finite; a NaN or infinite row max (or r) takes the exact exp.
 // Each pass runs over the whole row in W-blocks; only the block holding the
 // target (left out of L) and the last partial block are masked.
 #pragma once
@@ -96,15 +107,6 @@ inline std::pair<T, T> sigmoid_pair(T d) {
   const T lo = e / (T(1) + e), hi = T(1) / (T(1) + e);
   return d >= T(0) ? std::pair<T, T>{hi, lo} : std::pair<T, T>{lo, hi};
 }
-
-// exp(x - L) = exp(x - hi) * scale for a float64 L: hi is L rounded to T and
-// scale = exp(hi - L) carries the remainder that rounding dropped.
-template <typename T>
-struct SplitShift {
-  T hi;
-  double scale;
-  explicit SplitShift(double L) : hi(static_cast<T>(L)), scale(std::isfinite(L) ? std::exp(static_cast<double>(hi) - L) : 1.0) {}
-};
 
 // logsumexp's shift: the max, or 0 when the max is infinite, so that +inf
 // logits give +inf and all -inf give -inf (as torch.logsumexp).
@@ -209,69 +211,73 @@ inline void for_each_block(const T* x, int64_t n, int64_t skip, F&& f, const cha
 template <typename Drop>
 inline constexpr bool kPlain = std::is_same_v<std::decay_t<Drop>, NoDrop>;
 
-// (max_j s*x_j over j in [0, n) without j = skip, -inf when none; and, with
-// SumX, sum_j x_j over all of [0, n)), s = -1 when Negate.
-template <bool Negate, bool SumX, typename T>
-std::pair<T, T> row_max(const T* x, int64_t n, int64_t skip) {
+// max_j s*x_j over j in [0, n) without j = skip (-inf when none; NaN when
+// any is NaN), s = -1 when Negate.
+template <bool Negate, typename T>
+T row_max(const T* x, int64_t n, int64_t skip) {
   using Vec = Vectorized<T>;
-  const Vec neg_inf(-std::numeric_limits<T>::infinity()), zero(T(0));
-  Vec acc0 = neg_inf, acc1 = neg_inf, sum_x0 = zero, sum_x1 = zero;
+  const Vec neg_inf(-std::numeric_limits<T>::infinity());
+  Vec acc0 = neg_inf, acc1 = neg_inf;
   for_each_block(x, n, skip, [&](const Vec& v, const auto& drop, auto slot) {
-    constexpr bool first = decltype(slot)::value == 0;
-    if constexpr (SumX) {
-      (first ? sum_x0 : sum_x1) += v;  // lanes past n are 0
-    }
     Vec s = Negate ? v.neg() : v;
     if constexpr (!kPlain<decltype(drop)>) {
       s = Vec::blendv(s, neg_inf, drop);
     }
-    Vec& acc = first ? acc0 : acc1;
+    Vec& acc = decltype(slot)::value == 0 ? acc0 : acc1;
     acc = at::vec::maximum(acc, s);
   });
-  const T m = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, at::vec::maximum(acc0, acc1));
-  const T sum_x = SumX ? at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, sum_x0 + sum_x1) : T(0);
-  return {m, sum_x};
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, at::vec::maximum(acc0, acc1));
 }
 
-// sum_j exp(s*x_j - shift) over j in [0, n) without j = skip, s = -1 when
-// Negate. Fast: see vexp. prefetch: see for_each_block.
-template <bool Negate, bool Fast, typename T>
-T row_sum_exp(const T* x, int64_t n, int64_t skip, T shift, const char* prefetch) {
+// (sum_j exp(s*x_j - shift), and with SumDev sum_j (s*x_j - shift)) over j
+// in [0, n) without j = skip, s = -1 when Negate. Fast: see vexp. prefetch:
+// see for_each_block.
+template <bool Negate, bool Fast, bool SumDev, typename T>
+std::pair<T, T> row_sum_exp(const T* x, int64_t n, int64_t skip, T shift, const char* prefetch) {
   using Vec = Vectorized<T>;
   const Vec vshift(shift), zero(T(0));
-  Vec sum0 = zero, sum1 = zero;
+  Vec sum0 = zero, sum1 = zero, dev0 = zero, dev1 = zero;
   for_each_block(
       x, n, skip,
       [&](const Vec& v, const auto& drop, auto slot) {
-        Vec e = vexp<Fast>((Negate ? v.neg() : v) - vshift);
+        constexpr bool first = decltype(slot)::value == 0;
+        Vec t = (Negate ? v.neg() : v) - vshift;
+        Vec e = vexp<Fast>(t);
         if constexpr (!kPlain<decltype(drop)>) {
           e = Vec::blendv(e, zero, drop);
+          if constexpr (SumDev) {
+            t = Vec::blendv(t, zero, drop);
+          }
         }
-        (decltype(slot)::value == 0 ? sum0 : sum1) += e;
+        (first ? sum0 : sum1) += e;
+        if constexpr (SumDev) {
+          (first ? dev0 : dev1) += t;
+        }
       },
       prefetch);
-  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, sum0 + sum1);
+  const auto add = [](Vec& a, Vec& b) { return a + b; };
+  return {at::vec::vec_reduce_all<T>(add, sum0 + sum1), SumDev ? at::vec::vec_reduce_all<T>(add, dev0 + dev1) : T(0)};
 }
 
-// logsumexp_j s*x_j over j in [0, n) without j = skip (s = -1 when Negate)
-// as shift + log_sum (shift = lse_shift(max); -inf when no j), and (SumX)
-// sum_j x_j over all of [0, n). prefetch: see for_each_block.
+// logsumexp_j s*x_j over j in [0, n) without j = skip (s = -1 when Negate),
+// kept apart as shift + log_sum (shift = lse_shift(max), log_sum =
+// log sum_j exp(s*x_j - shift); -inf when no j), and (SumDev)
+// sum_dev = sum_j (s*x_j - shift) over the same j. prefetch: see for_each_block.
 template <typename T>
 struct RowLogSumExp {
   T shift;
   double log_sum;
-  T sum_x;
-  double value() const { return static_cast<double>(shift) + log_sum; }
+  double sum_dev;
 };
 
-template <bool Negate, bool SumX, typename T>
+template <bool Negate, bool SumDev, typename T>
 RowLogSumExp<T> row_logsumexp(const T* x, int64_t n, int64_t skip, const char* prefetch) {
-  const auto [m, sum_x] = row_max<Negate, SumX>(x, n, skip);
+  const T m = row_max<Negate>(x, n, skip);
   const T shift = lse_shift(m);
   // Finite max: every kept argument s*x_j - m is <= 0 (or NaN), the fast exp's domain.
-  const T sum_e = std::isfinite(m) ? row_sum_exp<Negate, true>(x, n, skip, shift, prefetch)
-                                   : row_sum_exp<Negate, false>(x, n, skip, shift, prefetch);
-  return {shift, std::log(static_cast<double>(sum_e)), sum_x};
+  const auto [sum_e, sum_dev] = std::isfinite(m) ? row_sum_exp<Negate, true, SumDev>(x, n, skip, shift, prefetch)
+                                                 : row_sum_exp<Negate, false, SumDev>(x, n, skip, shift, prefetch);
+  return {shift, std::log(static_cast<double>(sum_e)), static_cast<double>(sum_dev)};
 }
 
 // out_j = a * exp(s*x_j - shift) + b over [0, n), s = -1 when Negate. Fast: see vexp.
@@ -301,14 +307,22 @@ void row_affine_exp(const T* x, T* out, int64_t n, T shift, T a, T b, const char
   }
 }
 
-// row_affine_exp with the fast exp when the float64 shift L is finite: then
-// every s*x_j - L is <= 0 but at the target lane (which the callers overwrite).
+// out_j = a * q_j + b over [0, n) with q_j = exp(s*x_j - m - r) in [0, 1]
+// (m, r: a row's float64 stats), s = -1 when Negate. Finite m and r (every
+// finite row): q_j = exp(s*x_j - m) * exp(-r), the fast exp on arguments
+// <= 0 but at the target lane (which the callers overwrite), and no
+// rounding of m + r. Otherwise (an infinite or NaN logit) the exact exp of
+// s*x_j - (m + r). a == 0 gives b: q_j is bounded, so a q_j is 0 even where
+// q_j is inf - inf (a +inf logit when p_y = 0).
 template <bool Negate, typename T>
-void row_affine_exp(const T* x, T* out, int64_t n, double L, T shift, T a, T b, const char* prefetch) {
-  if (std::isfinite(L)) {
-    row_affine_exp<Negate, true>(x, out, n, shift, a, b, prefetch);
+void row_scaled_exp(const T* x, T* out, int64_t n, double m, double r, double a, double b, const char* prefetch) {
+  if (a == 0.0) {
+    std::fill(out, out + n, static_cast<T>(b));
+  } else if (std::isfinite(m) && std::isfinite(r)) {
+    row_affine_exp<Negate, true>(x, out, n, static_cast<T>(m), static_cast<T>(a * std::exp(-r)), static_cast<T>(b),
+                                 prefetch);
   } else {
-    row_affine_exp<Negate, false>(x, out, n, shift, a, b, prefetch);
+    row_affine_exp<Negate, false>(x, out, n, static_cast<T>(m + r), static_cast<T>(a), static_cast<T>(b), prefetch);
   }
 }
 
@@ -379,11 +393,11 @@ void suppression_forward_rows(const RowArgs& args, int64_t begin, int64_t end) {
       continue;
     }
     const acc_t* z = io.load(logits + i * C);
-    // logsumexp over the classes other than y (all classes without a target)
+    // logsumexp over the classes other than y (all classes without a target), as m + r
     const RowLogSumExp<acc_t> rest = row_logsumexp<false, true>(z, C, y, next_row(logits, i, end, C));
-    const double lse_rest = rest.value();
-    const double d = y >= 0 ? static_cast<double>(z[y]) - lse_rest : -std::numeric_limits<double>::infinity();
-    const double sum_z = static_cast<double>(rest.sum_x);
+    const double m = static_cast<double>(rest.shift), r = rest.log_sum;
+    const double dev_y = y >= 0 ? static_cast<double>(z[y]) - m : 0.0;  // z_y - m: exact for float rows
+    const double d = y >= 0 ? dev_y - r : -std::numeric_limits<double>::infinity();
     const double ice = softplus(d);
     double value = 0.0;
     // A zero weight must not turn an infinite term into NaN (0 * inf).
@@ -391,11 +405,14 @@ void suppression_forward_rows(const RowArgs& args, int64_t begin, int64_t end) {
       value += args.ice_weight * ice;
     }
     if (args.klu_weight != 0.0) {
-      value += args.klu_weight * (lse_rest + ice - sum_z / static_cast<double>(C) - log_c);
+      // mean_j (z_j - m): the target's term was left out of the row pass
+      const double mean_dev = (rest.sum_dev + dev_y) / static_cast<double>(C);
+      const double klu = r + ice - mean_dev - log_c;
+      value += args.klu_weight * (klu < 0.0 ? 0.0 : klu);  // KL >= 0: negatives are rounding (NaN stays)
     }
     loss[i] = static_cast<scalar_t>(value);
-    stats[2 * i] = lse_rest;
-    stats[2 * i + 1] = d;
+    stats[2 * i] = m;
+    stats[2 * i + 1] = r;
   }
 }
 
@@ -417,14 +434,14 @@ void suppression_backward_rows(const RowArgs& args, int64_t begin, int64_t end) 
       continue;
     }
     const double g = static_cast<double>(grad_loss[i]);
-    const double d = stats[2 * i + 1];
-    const auto [p_y, rest] = sigmoid_pair(d);
-    const SplitShift<acc_t> lse_rest(stats[2 * i]);
+    const double m = stats[2 * i], r = stats[2 * i + 1];
     const acc_t* z = io.load(logits + i * C);
+    // d as the forward computed it
+    const double d = y >= 0 ? (static_cast<double>(z[y]) - m) - r : -std::numeric_limits<double>::infinity();
+    const auto [p_y, rest] = sigmoid_pair(d);
     acc_t* out = io.output(grad_row);
-    const double a = g * (klu_w * rest - ice_w * p_y);
-    row_affine_exp<false>(z, out, C, stats[2 * i], lse_rest.hi, static_cast<acc_t>(a * lse_rest.scale),
-                          static_cast<acc_t>(-g * klu_w * inv_c), next_row(logits, i, end, C));
+    row_scaled_exp<false>(z, out, C, m, r, g * (klu_w * rest - ice_w * p_y), -g * klu_w * inv_c,
+                          next_row(logits, i, end, C));
     if (y >= 0) {
       out[y] = static_cast<acc_t>(g * (ice_w * p_y + klu_w * (p_y - inv_c)));
     }
@@ -444,14 +461,16 @@ void ice_reference_forward_rows(const RowArgs& args, int64_t begin, int64_t end)
     const int64_t y = args.target[i];
     if (y == args.ignore_index) {
       loss[i] = scalar_t(0);
-      stats[i] = 0.0;
+      stats[2 * i] = stats[2 * i + 1] = 0.0;
       continue;
     }
     const acc_t* z = io.load(logits + i * C);
     const RowLogSumExp<acc_t> lse_neg = row_logsumexp<true, false>(z, C, -1, next_row(logits, i, end, C));
-    // z_y + shift first: both large and close when y is the lowest logit
-    loss[i] = static_cast<scalar_t>(static_cast<double>(z[y]) + static_cast<double>(lse_neg.shift) + lse_neg.log_sum);
-    stats[i] = lse_neg.value();
+    const double m = static_cast<double>(lse_neg.shift);
+    // z_y + m first: both large and close when y is the lowest logit
+    loss[i] = static_cast<scalar_t>((static_cast<double>(z[y]) + m) + lse_neg.log_sum);
+    stats[2 * i] = m;
+    stats[2 * i + 1] = lse_neg.log_sum;
   }
 }
 
@@ -472,14 +491,13 @@ void ice_reference_backward_rows(const RowArgs& args, int64_t begin, int64_t end
       continue;
     }
     const double g = static_cast<double>(grad_loss[i]);
-    // exp(-z_j - S) = exp(-z_j - hi) * scale with S = logsumexp(-z)
-    const SplitShift<acc_t> lse_neg(stats[i]);
+    const double m = stats[2 * i], r = stats[2 * i + 1];
     const acc_t* z = io.load(logits + i * C);
     acc_t* out = io.output(grad_row);
-    row_affine_exp<true>(z, out, C, stats[i], lse_neg.hi, static_cast<acc_t>(-g * lse_neg.scale), acc_t(0),
-                         next_row(logits, i, end, C));
-    // out_y = g (1 - r_y): 1 - r_y from the float64 stats when r_y is near 1
-    out[y] = static_cast<acc_t>(g * -std::expm1(-static_cast<double>(z[y]) - stats[i]));
+    // -g R_j, R_j = exp(-z_j - m - r) = softmax(-z)_j
+    row_scaled_exp<true>(z, out, C, m, r, -g, 0.0, next_row(logits, i, end, C));
+    // out_y = g (1 - R_y): 1 - R_y from float64 values when R_y is near 1
+    out[y] = static_cast<acc_t>(g * -std::expm1((-static_cast<double>(z[y]) - m) - r));
     io.store(grad_row);
   }
 }

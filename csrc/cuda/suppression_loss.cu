@@ -2,7 +2,9 @@
 // csrc/cpu/suppression_loss.cpp; derivation in csrc/cpu/suppression_loss_rows.h).
 // One warp per row: each lane streams a strided slice of the row once,
 // keeping an online (max, sum of exp) pair, then the warp merges the pairs.
-// Row stats are float64, as on the CPU.
+// Row stats are float64, as on the CPU: (m, r) with m the logsumexp shift
+// and r = log sum exp(z_j - m), never the rounded sum m + r (see
+// suppression_loss_rows.h: logits of 1e16 or 1e37 must keep their differences).
 #include "suppression_loss.h"
 
 #include <ATen/Dispatch.h>
@@ -70,7 +72,15 @@ struct OnlineLse {
     }
   }
 
-  __device__ double value() const {
+  // The shift m (the max, 0 when it is infinite, NaN with a NaN) and r = log
+  // sum_j exp(x_j - m), as the CPU's row_logsumexp: m + r is the logsumexp.
+  __device__ double shift() const {
+    if (nan) {
+      return std::numeric_limits<double>::quiet_NaN();
+    }
+    return pos_inf || max == -std::numeric_limits<T>::infinity() ? 0.0 : static_cast<double>(max);
+  }
+  __device__ double log_sum() const {
     if (nan) {
       return std::numeric_limits<double>::quiet_NaN();
     }
@@ -80,7 +90,7 @@ struct OnlineLse {
     if (max == -std::numeric_limits<T>::infinity()) {
       return -std::numeric_limits<double>::infinity();
     }
-    return static_cast<double>(max) + ::log(static_cast<double>(sum));
+    return ::log(static_cast<double>(sum));
   }
 };
 
@@ -104,13 +114,20 @@ __device__ inline double sigmoid(double d) {
   return e / (1.0 + e);
 }
 
-// exp(x - L) = exp(x - hi) * scale for a float64 L (see SplitShift on the CPU).
+// a q_j + b with q_j = exp(s x_j - m - r) in [0, 1] for a row's float64 stats
+// (m, r), as the CPU's row_scaled_exp: finite m and r give
+// (a exp(-r)) exp(s x_j - m) (no rounding of m + r), others the exp of
+// s x_j - (m + r); a == 0 gives b (a q_j is 0 even where q_j is inf - inf).
 template <typename T>
-struct SplitShift {
-  T hi;
-  double scale;
-  __device__ explicit SplitShift(double L)
-      : hi(static_cast<T>(L)), scale(isfinite(L) ? ::exp(static_cast<double>(hi) - L) : 1.0) {}
+struct ScaledExp {
+  T shift, coef, offset;
+  bool zero;
+  __device__ ScaledExp(double m, double r, double a, double b) : offset(static_cast<T>(b)), zero(a == 0.0) {
+    const bool finite = isfinite(m) && isfinite(r);
+    shift = static_cast<T>(finite ? m : m + r);
+    coef = static_cast<T>(finite ? a * ::exp(-r) : a);
+  }
+  __device__ T operator()(T sx) const { return zero ? offset : coef * exp(sx - shift) + offset; }
 };
 
 struct RowState {
@@ -153,19 +170,23 @@ __global__ void suppression_forward_kernel(const scalar_t* __restrict__ logits, 
     }
     const scalar_t* z = logits + row * C;
     OnlineLse<acc_t> lse;
-    acc_t sum_z = acc_t(0);
+    // sum_j (z_j - ref) over all j, ref = z_0 (0 if not finite): differences of
+    // nearby logits, exact where the row sits at 1e16 (a plain sum_j z_j would not be)
+    const acc_t first = static_cast<acc_t>(z[0]);
+    const acc_t ref = isfinite(first) ? first : acc_t(0);
+    acc_t sum_dev = acc_t(0);
     for (int64_t j = lane; j < C; j += kWarpSize) {
       const acc_t x = static_cast<acc_t>(z[j]);
-      sum_z += x;
+      sum_dev += x - ref;
       if (j != st.y) {
         lse.push(x);
       }
     }
     lse.warp_merge();
-    sum_z = warp_sum(sum_z);
+    sum_dev = warp_sum(sum_dev);
     if (lane == 0) {
-      const double lse_rest = lse.value();
-      const double d = st.y >= 0 ? static_cast<double>(static_cast<acc_t>(z[st.y])) - lse_rest
+      const double m = lse.shift(), r = lse.log_sum();
+      const double d = st.y >= 0 ? (static_cast<double>(static_cast<acc_t>(z[st.y])) - m) - r
                                  : -std::numeric_limits<double>::infinity();
       const double ice = softplus(d);
       double value = 0.0;
@@ -173,12 +194,14 @@ __global__ void suppression_forward_kernel(const scalar_t* __restrict__ logits, 
         value += ice_w * ice;
       }
       if (klu_w != 0.0) {
-        value += klu_w * (lse_rest + ice - static_cast<double>(sum_z) / static_cast<double>(C) -
-                          ::log(static_cast<double>(C)));
+        // mean_j (z_j - m) = mean_j (z_j - ref) + (ref - m)
+        const double mean_dev = static_cast<double>(sum_dev) / static_cast<double>(C) + (static_cast<double>(ref) - m);
+        const double klu = r + ice - mean_dev - ::log(static_cast<double>(C));
+        value += klu_w * (klu < 0.0 ? 0.0 : klu);  // KL >= 0: negatives are rounding (NaN stays)
       }
       loss[row] = static_cast<scalar_t>(value);
-      stats[2 * row] = lse_rest;
-      stats[2 * row + 1] = d;
+      stats[2 * row] = m;
+      stats[2 * row + 1] = r;
     }
   }
 }
@@ -201,15 +224,16 @@ __global__ void suppression_backward_kernel(const scalar_t* __restrict__ grad_lo
       continue;
     }
     const double g = static_cast<double>(static_cast<acc_t>(grad_loss[row]));
-    const double d = stats[2 * row + 1];
-    const double p_y = sigmoid(d), rest = sigmoid(-d), inv_c = 1.0 / static_cast<double>(C);
-    const SplitShift<acc_t> lse_rest(stats[2 * row]);
-    const acc_t coef = static_cast<acc_t>(g * (klu_w * rest - ice_w * p_y) * lse_rest.scale);
-    const acc_t shift = static_cast<acc_t>(-g * klu_w * inv_c);
-    const acc_t grad_y = static_cast<acc_t>(g * (ice_w * p_y + klu_w * (p_y - inv_c)));
+    const double m = stats[2 * row], r = stats[2 * row + 1];
     const scalar_t* z = logits + row * C;
+    // d as the forward computed it
+    const double d = st.y >= 0 ? (static_cast<double>(static_cast<acc_t>(z[st.y])) - m) - r
+                               : -std::numeric_limits<double>::infinity();
+    const double p_y = sigmoid(d), rest = sigmoid(-d), inv_c = 1.0 / static_cast<double>(C);
+    const ScaledExp<acc_t> off_target(m, r, g * (klu_w * rest - ice_w * p_y), -g * klu_w * inv_c);
+    const acc_t grad_y = static_cast<acc_t>(g * (ice_w * p_y + klu_w * (p_y - inv_c)));
     for (int64_t j = lane; j < C; j += kWarpSize) {
-      const acc_t value = j == st.y ? grad_y : coef * exp(static_cast<acc_t>(z[j]) - lse_rest.hi) + shift;
+      const acc_t value = j == st.y ? grad_y : off_target(static_cast<acc_t>(z[j]));
       out[j] = static_cast<scalar_t>(value);
     }
   }
@@ -227,7 +251,7 @@ __global__ void ice_reference_forward_kernel(const scalar_t* __restrict__ logits
       if (lane == 0) {
         const double fill = st.skip ? 0.0 : std::numeric_limits<double>::quiet_NaN();
         loss[row] = static_cast<scalar_t>(fill);
-        stats[row] = fill;
+        stats[2 * row] = stats[2 * row + 1] = fill;
       }
       continue;
     }
@@ -238,9 +262,11 @@ __global__ void ice_reference_forward_kernel(const scalar_t* __restrict__ logits
     }
     lse.warp_merge();
     if (lane == 0) {
-      const double lse_neg = lse.value();
-      loss[row] = static_cast<scalar_t>(static_cast<double>(static_cast<acc_t>(z[st.y])) + lse_neg);
-      stats[row] = lse_neg;
+      const double m = lse.shift(), r = lse.log_sum();
+      // z_y + m first: both large and close when y is the lowest logit
+      loss[row] = static_cast<scalar_t>((static_cast<double>(static_cast<acc_t>(z[st.y])) + m) + r);
+      stats[2 * row] = m;
+      stats[2 * row + 1] = r;
     }
   }
 }
@@ -263,14 +289,14 @@ __global__ void ice_reference_backward_kernel(const scalar_t* __restrict__ grad_
       continue;
     }
     const double g = static_cast<double>(static_cast<acc_t>(grad_loss[row]));
-    const SplitShift<acc_t> lse_neg(stats[row]);
-    const acc_t coef = static_cast<acc_t>(-g * lse_neg.scale);
+    const double m = stats[2 * row], r = stats[2 * row + 1];
+    const ScaledExp<acc_t> off_target(m, r, -g, 0.0);  // -g R_j, R = softmax(-z)
     const scalar_t* z = logits + row * C;
     for (int64_t j = lane; j < C; j += kWarpSize) {
       const acc_t x = static_cast<acc_t>(z[j]);
-      // g (1 - r_y) from float64 values: r_y can be within rounding of 1
-      const acc_t value = j == st.y ? static_cast<acc_t>(g * -::expm1(-static_cast<double>(x) - stats[row]))
-                                    : coef * exp(-x - lse_neg.hi);
+      // g (1 - R_y) from float64 values: R_y can be within rounding of 1
+      const acc_t value = j == st.y ? static_cast<acc_t>(g * -::expm1((-static_cast<double>(x) - m) - r))
+                                    : off_target(-x);
       out[j] = static_cast<scalar_t>(value);
     }
   }
@@ -362,7 +388,7 @@ std::tuple<Tensor, Tensor> ice_reference_cuda(const Tensor& logits_in, const Ten
   const Tensor target = checked_target(op, target_in, logits, ignore_index);
   const int64_t N = logits.size(0), C = logits.size(1);
   Tensor loss = at::empty({N}, logits.options());
-  Tensor stats = at::empty({N}, logits.options().dtype(at::kDouble));
+  Tensor stats = at::empty({N, 2}, logits.options().dtype(at::kDouble));
   if (N == 0) {
     return {loss, stats};
   }
@@ -380,7 +406,7 @@ Tensor ice_reference_backward_cuda(const Tensor& grad_loss_in, const Tensor& log
   constexpr const char* op = "sophon_ext::inverse_cross_entropy_reference_backward";
   check_loss_logits(op, logits_in);
   check_row_input(op, "grad_loss", grad_loss_in, logits_in, 0);
-  check_row_input(op, "stats", stats_in, logits_in, 0);
+  check_row_input(op, "stats", stats_in, logits_in, 2);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const Tensor logits = logits_in.contiguous();
   const Tensor target = checked_target(op, target_in, logits, ignore_index);
