@@ -172,6 +172,10 @@ def test_every_method_trains_exactly_its_parameters(method, digits):
         "full": {n for n, _ in model.named_parameters()},
         "reinit_head": {n for n, _ in model.named_parameters()},
         "reinit_layers": {n for n, _ in model.named_parameters()},
+        "reinit_head_layers": {n for n, _ in model.named_parameters()},
+        "renorm": {n for n, _ in model.named_parameters()},
+        "standardise": {f"model.{n}" for n, _ in model.named_parameters()},  # behind the input change
+        "reframe": {f"model.{n}" for n, _ in model.named_parameters()},
         "head_only": {"head.weight", "head.bias"},
         "freeze_first": set(surgery.parameter_names(model, layers[1:])),
         "probe": {"linear.weight", "linear.bias"},

@@ -15,7 +15,7 @@ from sophon_ext._simulate_paths import VARIANTS, reported_path
 from sophon_ext._simulate_reference import simulate_sequential
 from sophon_ext.models import SmallCNN
 from sophon_ext.optim.presets import PRESETS
-from sophon_ext.surgery import METHODS
+from sophon_ext.methods import get_method, method_names
 from sophon_ext.tasks.base import weighted_mean
 
 DTYPE = torch.float64
@@ -76,9 +76,9 @@ def every_method_and_optimizer(batch_size=5, steps=3):
     out = []
     lrs = {"adadelta": 0.5, "sgd": 0.1}
     for i, optimizer in enumerate(sorted(PRESETS)):
-        for j, method in enumerate(METHODS + ("custom",)):
+        for j, method in enumerate(method_names(simulated=True) + ("custom",)):
             extra = {}
-            if method in ("reinit_layers", "freeze_first"):
+            if method != "custom" and get_method(method).needs_layers:
                 extra["layers"] = 1 + (i + j) % 2  # a count of first layers
             if method == "custom":
                 extra.update(surgery=scale_first_conv, input_transform=flip)

@@ -15,7 +15,7 @@ def test_defaults_are_valid_and_every_preset_constructs():
     for name in DEFAULT_LR_RANGES:
         FineTuneStrategy(name, lr=1e-3)
     for method in STRATEGY_METHODS:
-        extra = {"layers": 1} if method in ("reinit_layers", "freeze_first") else {}
+        extra = {}
         if method == "custom":
             extra["surgery"] = lambda params, generator: {}
         assert FineTuneStrategy(method=method, **extra).method == method
@@ -32,7 +32,7 @@ def test_defaults_are_valid_and_every_preset_constructs():
         ({"batch_size": 2.5}, ValueError, "batch_size: must be an int >= 1"),
         ({"steps": 0}, ValueError, "steps: must be an int >= 1"),
         ({"method": "lora"}, ValueError, r"method: unknown method 'lora'; choose one of \('full'"),
-        ({"method": "freeze_first"}, ValueError, "layers: method 'freeze_first' needs layers"),
+        ({"method": "probe"}, ValueError, r"method: unknown method 'probe'"),
         ({"method": "custom"}, ValueError, "surgery: method 'custom' needs a callable"),
         ({"surgery": lambda p, g: {}}, ValueError, "surgery: only used with method 'custom'"),
         ({"hparams": {"lr": 0.1}}, ValueError, "set the learning rate with the lr field"),

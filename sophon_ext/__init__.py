@@ -8,15 +8,17 @@ __version__ = "0.1.0"
 
 __all__ = ["extension_info", "functional", "nn", "optim", "__version__"]
 
+from .methods import FineTuneMethod, get_method, method_names, register_method  # noqa: E402
 from .simulate import SimulationResult, simulate  # noqa: E402
 from .strategies import FineTuneStrategy, StrategySampler  # noqa: E402
 
-__all__ += ["FineTuneStrategy", "SimulationResult", "StrategySampler", "simulate"]
+__all__ += ["FineTuneMethod", "FineTuneStrategy", "SimulationResult", "StrategySampler", "get_method", "method_names",
+            "register_method", "simulate"]
 
-from .config import Config, ConfigError, ProtectConfig, load_config, save_config  # noqa: E402
+from .config import Config, ConfigError, FamilyConfig, ProbeConfig, ProtectConfig, load_config, save_config  # noqa: E402
 from .engine import ProtectionResult, Sophon, protect  # noqa: E402
 
-__all__ += ["Config", "ConfigError", "ProtectConfig", "ProtectionResult", "Sophon", "load_config", "protect", "save_config"]
+__all__ += ["Config", "ConfigError", "FamilyConfig", "ProbeConfig", "ProtectConfig", "ProtectionResult", "Sophon", "load_config", "protect", "save_config"]
 
 from . import attack  # noqa: E402
 from .attack import run_attacks  # noqa: E402

@@ -82,6 +82,13 @@ def apply_transform(transform: Callable | None, inputs: tuple[Tensor, ...]) -> t
     return tuple(out)
 
 
+def compose_transforms(first: Callable | None, then: Callable | None) -> Callable | None:
+    """``then`` applied after ``first`` (either may be None)."""
+    if first is None or then is None:
+        return first or then
+    return lambda inputs: apply_transform(then, apply_transform(first, inputs))
+
+
 def take(inputs: tuple[Tensor, ...], targets: Tensor, index: Tensor, device) -> tuple[tuple[Tensor, ...], Tensor]:
     """Rows ``index`` of every input and of the targets, on ``device``."""
     return tuple(t[index.to(t.device)].to(device) for t in inputs), targets[index.to(targets.device)].to(device)

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from ._simulate_memory import is_out_of_memory
-from ._simulate_stacked import NotStackable, mark_not_stackable, stacked_model, trajectory_output
+from ._simulate_stacked import TIMED_CHOICES, NotStackable, mark_not_stackable, stacked_model, trajectory_output
 from .optim.fused import FUSED_KINDS, FusedMultiTrajectoryOptimizer, flat_views, flatten_rows
 from .optim.functional import FunctionalOptimizer
 
@@ -388,6 +388,16 @@ def _fastest(timings: dict[str, list[float]]) -> str:
     return batched if median[batched] <= 1.1 * median[best] else best
 
 
+def untimed_variant(model: nn.Module, inputs: tuple) -> str:
+    """The path for reproducible runs, chosen without timing: stacked (channels-last for image
+    inputs, what ``auto`` picked on the built-in model) when the model traces into supported ops,
+    otherwise "auto" (timed: vmap or a loop)."""
+    if not _is_stackable(model):
+        return "auto"
+    image = any(t.dim() == 4 and t.is_floating_point() for t in inputs)
+    return "stacked_channels_last" if image else "stacked"
+
+
 def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[ChunkRunner, str]:
     """Run every step; ``batches[k]()`` gives step k's stacked batch. Returns the runner and the path used.
 
@@ -396,6 +406,14 @@ def run_chunk(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[Chunk
     takes to time each ``_CALIBRATION_STEPS`` times after one warm-up step; the
     one with the lowest median wins (see :func:`_fastest`) and is cached.
     """
+    token = TIMED_CHOICES.set(path == "auto")
+    try:
+        return _run_steps(chunk, batches, path, signature)
+    finally:
+        TIMED_CHOICES.reset(token)
+
+
+def _run_steps(chunk: Chunk, batches, path: str, signature: tuple) -> tuple[ChunkRunner, str]:
     runner = ChunkRunner(chunk)
     variants = {name: functools.partial(runner.step, **options) for name, options in VARIANTS.items()}
     chosen = path if path != "auto" else _PATH_CACHE.get(signature)

@@ -15,11 +15,11 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._simulate_batches import apply_transform, check_data, draw_batches, take
+from ._simulate_batches import apply_transform, check_data, compose_transforms, draw_batches, take
+from .methods import get_method
 from .optim.functional import torch_optimizer_kwargs
 from .optim.presets import make_torch_optimizer, resolve_preset
 from .strategies import FineTuneStrategy
-from .surgery import method_targets, reinitialise
 
 
 def _loss(fn: Callable, model: nn.Module, inputs, targets) -> Tensor:
@@ -50,31 +50,33 @@ def simulate_sequential(model: nn.Module, strategies: Sequence[FineTuneStrategy]
         theta = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
         start = dict(theta)
         frozen: list[str] = []
+        transform = strategy.input_transform
         if strategy.method == "custom":
             start.update(strategy.surgery(dict(theta), generator_i))
             with torch.no_grad():
                 for n in names:
                     params[n].copy_(start[n])
         else:
-            reinit, frozen = method_targets(model, strategy.method, strategy.layers, head)
-            reinitialise(work, reinit, generator_i)
-            for module in reinit:
-                for n in [n for n in names if n.startswith(module + ".")]:
-                    start[n] = params[n].detach().clone()  # a constant: no meta-gradient
+            method = get_method(strategy.method)
+            reinit, frozen = method.targets(model, strategy.layers, head)
+            method.apply_to_module(work, reinit, generator_i)  # the harness's form of the method
+            # the simulator's form, only for the graph the meta-gradient is pulled back through
+            start = method.simulated_start(model, theta, reinit, torch.Generator().manual_seed(strategy.seed))
+            transform = compose_transforms(method.simulated_input_transform(strategy.seed), transform)
         base, hp = resolve_preset(strategy.optimizer, strategy.hparams)
         trainable = [params[n] for n in names if n not in frozen]
         optimizer = make_torch_optimizer(strategy.optimizer, trainable, strategy.lr, torch_optimizer_kwargs(base, hp))
         query_grad_sum = {n: torch.zeros_like(params[n]) for n in names}
         for k in range(steps):
             x, y = take(inputs, targets, batch.adapt[k], device)
-            x = apply_transform(strategy.input_transform, x)
+            x = apply_transform(transform, x)
             optimizer.zero_grad(set_to_none=True)
             _loss(adaptation_loss, work, x, y).backward()
             for n in frozen:
                 params[n].grad = None
             optimizer.step()
             qx, qy = take(inputs, targets, batch.query[k], device)
-            query = _loss(suppression_loss, work, apply_transform(strategy.input_transform, qx), qy)
+            query = _loss(suppression_loss, work, apply_transform(transform, qx), qy)
             grads = torch.autograd.grad(query, [params[n] for n in names])
             for n, g in zip(names, grads):
                 query_grad_sum[n] += g

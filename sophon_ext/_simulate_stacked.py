@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import operator
 import statistics
+import contextvars
 import time
 import weakref
 from dataclasses import dataclass
@@ -236,7 +237,15 @@ _CONV_WAYS = {"grouped": _grouped_conv, "per_trajectory": _per_trajectory_conv}
 _CONV_CHOICE: dict[tuple, str] = {}
 
 
+#: False while a caller asked for a path explicitly: the convolution way then follows a fixed rule
+#: (one ordinary convolution per trajectory for single-channel inputs, where grouped kernels are
+#: slow, grouped otherwise), so a run does not depend on timings
+TIMED_CHOICES: contextvars.ContextVar[bool] = contextvars.ContextVar("sophon_timed_choices", default=True)
+
+
 def _conv_way(conv, x: Tensor, weight: Tensor, bias, module: nn.Module) -> str:
+    if not TIMED_CHOICES.get():
+        return "per_trajectory" if weight.shape[2] == 1 else "grouped"  # weight (N, O, C/groups, ...)
     key = (tuple(x.shape), x.stride(), tuple(weight.shape), bias is not None, module.stride, module.padding, module.dilation,
            module.groups, x.dtype, str(x.device), torch.get_num_threads())
     if key not in _CONV_CHOICE:

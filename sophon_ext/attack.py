@@ -34,7 +34,7 @@ from .data import ArrayDataset
 from .diagnostics import compare_models
 from .finetune import ATTACK_METHODS, SCHEDULES, AttackSpec, as_dataset, fine_tune, prepare_attack_model
 from .optim.presets import PRESETS
-from .report import atomic_write_json, build_report, summarise_attack, write_outputs
+from .report import atomic_write_json, build_report, chance_level, summarise_attack, write_outputs
 
 __all__ = [
     "ATTACK_METHODS", "SCHEDULES", "GRID_PRESETS", "AttackSpec", "expand_grid", "load_grid", "run_attacks",
@@ -389,7 +389,7 @@ def _attack_record(spec: AttackSpec, models: dict[str, nn.Module], keys: dict[st
                 atomic_write_json(cache_path, curve)
         curves[name] = curve
     record = {"name": spec.name, **spec.to_dict(), "curves": curves,
-              "summary": summarise_attack(curves, task.higher_is_better), "keys": keys}
+              "summary": summarise_attack(curves, task.higher_is_better, chance_level(task, test)), "keys": keys}
     if run_path is not None:
         atomic_write_json(run_path, record)
     return record

@@ -2,7 +2,7 @@
 
 A real attacker fine-tunes for hundreds of steps; simulating K = 10 steps per
 FTS step teaches the model to resist only the start of fine-tuning, and real
-fine-tuning then escapes after a few epochs (docs/demo/README.md). Running K
+fine-tuning then escapes after a few epochs (docs/DESIGN_NOTES.md). Running K
 = 200 steps per FTS step costs 20x. :class:`TrajectoryChains` gets the long
 horizon at the short price: the trajectory a strategy ran at one FTS step is
 *continued* the next time that strategy is drawn, from the current parameters
@@ -19,9 +19,10 @@ and get no meta-gradient, as in a fresh trajectory. The optimizer state
 (momentum, Adam moments) starts anew at each continuation, as if the attacker
 restarted the optimizer.
 
-Methods continued: ``full``, ``reinit_head`` and ``reinit_layers`` (the
-continuation trains every parameter, as they do). ``head_only``,
-``freeze_first`` and ``custom`` strategies always start fresh.
+Methods continued: every registered method that freezes nothing
+(:attr:`sophon_ext.methods.FineTuneMethod.continuable`: the continuation
+trains every parameter, as they do; an input change goes on applying).
+Freezing methods and ``custom`` strategies always start fresh.
 """
 
 from __future__ import annotations
@@ -33,10 +34,14 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .methods import get_method
 from .strategies import FineTuneStrategy
-from .surgery import method_targets, parameter_names
+from .surgery import parameter_names
 
-CONTINUED_METHODS = ("full", "reinit_head", "reinit_layers")
+
+def is_continued(strategy: FineTuneStrategy) -> bool:
+    """Whether a trajectory of ``strategy`` may be continued at a later FTS step."""
+    return strategy.method != "custom" and get_method(strategy.method).continuable
 
 
 @dataclass
@@ -76,11 +81,15 @@ class TrajectoryChains:
         self.chains: dict[int, Chain] = {}
 
     def _reinitialised(self, model: nn.Module, strategy: FineTuneStrategy) -> set[str]:
-        modules, _ = method_targets(model, strategy.method, strategy.layers, self.head)
+        modules, _ = get_method(strategy.method).targets(model, strategy.layers, self.head)
         return set(parameter_names(model, modules))
 
+    def has_chain(self, slot: int) -> bool:
+        """Whether ``slot``'s simulated attacker will be continued when it is next drawn."""
+        return slot in self.chains
+
     def _continued_slots(self, slots: Sequence[int], strategies: Sequence[FineTuneStrategy]) -> list[bool]:
-        return [first and s.method in CONTINUED_METHODS and slot in self.chains
+        return [first and is_continued(s) and slot in self.chains
                 for slot, s, first in zip(slots, strategies, _first_of_slot(slots))]
 
     def depths(self, slots: Sequence[int], strategies: Sequence[FineTuneStrategy]) -> list[int]:
@@ -105,7 +114,7 @@ class TrajectoryChains:
         meta step); ``adapted``: ``SimulationResult.params`` (name -> (N, ...)).
         """
         for i, (slot, strategy, first) in enumerate(zip(slots, strategies, _first_of_slot(slots))):
-            if not first or strategy.method not in CONTINUED_METHODS:
+            if not first or not is_continued(strategy):
                 continue
             chain = self.chains.get(slot)
             if chain is not None:

@@ -135,30 +135,126 @@ class StrategyConfig:
     layers: Union[int, list[str], None] = None
 
     def _validate(self, where: str) -> None:
-        from .surgery import METHODS
+        from .methods import method_names
 
+        methods = method_names(simulated=True)
         _check_optimizer(self.optimizer, where, "optimizer")
         _check(self.lr > 0, where, "lr", f"must be > 0, got {self.lr}")
         _check(self.batch_size >= 1, where, "batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.steps is None or self.steps >= 1, where, "steps", f"must be >= 1 or null, got {self.steps}")
-        _check(self.method in METHODS, where, "method", f"unknown method {self.method!r}; choose one of {METHODS}")
-        if self.method in ("reinit_layers", "freeze_first"):
-            _check(self.layers is not None, where, "layers", f"is required for method {self.method!r}")
+        _check(self.method in methods, where, "method", f"unknown method {self.method!r}; choose one of {methods}")
         if isinstance(self.layers, int):
             _check(self.layers >= 1, where, "layers", f"must be >= 1, got {self.layers}")
 
 
-def default_strategies() -> list[StrategyConfig]:
-    """The attack methods a protection must cover (measured: leaving any out leaves a hole),
-    each optimizer at the attack's rate and at a higher one (a longer reach in K steps)."""
-    return [
-        StrategyConfig(optimizer="sgd_momentum", lr=1e-2, method="full"),
-        StrategyConfig(optimizer="sgd_momentum", lr=1e-1, method="full"),
-        StrategyConfig(optimizer="adam", lr=1e-3, method="full"),
-        StrategyConfig(optimizer="adam", lr=1e-2, method="full"),
-        StrategyConfig(optimizer="adam", lr=3e-3, method="reinit_head"),
-        StrategyConfig(optimizer="adam", lr=3e-3, method="reinit_layers", layers=1),
-    ]
+@dataclass
+class FamilyConfig:
+    """An attack family: a distribution over simulated fine-tuning strategies (``protect.strategies`` given as a mapping).
+
+    Each draw picks a *member*: an optimizer from ``optimizers``, a method
+    from ``methods`` and one of ``lr_bins`` learning-rate bands, then a
+    learning rate log-uniform in that band of the optimizer's ``lr_ranges``
+    entry (default :data:`sophon_ext.families.DEFAULT_LR_RANGES`), a batch size from
+    ``batch_sizes``, ``layers`` for the methods that read it, and optimizer
+    hyperparameters from ``hparams`` (``{optimizer: {name: [low, high] or
+    value}}``, uniform in a range). ``sampler``: ``uniform`` draws members
+    uniformly; ``worst_case`` draws them in proportion to a running estimate
+    of how far each escapes (its post-fine-tuning suppression loss, raised
+    by escaping attack probes), with ``floor`` of the draws spread uniformly
+    so every member keeps being drawn.
+    """
+
+    optimizers: list[str] = field(default_factory=lambda: ["sgd", "sgd_momentum", "nesterov", "adam", "adamw", "rmsprop",
+                                                           "adagrad", "adadelta", "lion"])
+    methods: list[str] = field(default_factory=lambda: ["full", "reinit_head", "reinit_layers", "head_only"])
+    lr_ranges: dict[str, list[float]] = field(default_factory=dict)
+    #: each optimizer's range split into this many equal log-width bands, each band its own member
+    #: (the worst-case sampler can then prefer the rates that escape, e.g. the highest)
+    lr_bins: int = 1
+    batch_sizes: list[int] = field(default_factory=lambda: [32])
+    layers: list[int] = field(default_factory=lambda: [1])
+    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sampler: Literal["uniform", "worst_case"] = "worst_case"
+    floor: float = 0.3
+    #: weight of the newest observation in a member's running escape estimate
+    smoothing: float = 0.1
+
+    def _validate(self, where: str) -> None:
+        from .methods import method_names
+        from .optim.presets import PRESETS
+
+        _check(len(self.optimizers) >= 1, where, "optimizers", "must list at least one optimizer")
+        for i, name in enumerate(self.optimizers):
+            _check(name in PRESETS, where, f"optimizers[{i}]", f"unknown optimizer {name!r}; choose one of {sorted(PRESETS)}")
+        _check(len(self.methods) >= 1, where, "methods", "must list at least one method")
+        simulated = method_names(simulated=True)
+        for i, name in enumerate(self.methods):
+            _check(name in simulated, where, f"methods[{i}]", f"unknown method {name!r}; choose one of {simulated}")
+        for name, bounds in self.lr_ranges.items():
+            _check(name in PRESETS, where, f"lr_ranges.{name}", f"unknown optimizer; choose one of {sorted(PRESETS)}")
+            ok = isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+            _check(ok, where, f"lr_ranges.{name}", f"expected [low, high], got {bounds!r}")
+            _check(0 < bounds[0] <= bounds[1], where, f"lr_ranges.{name}", f"need 0 < low <= high, got {bounds}")
+        _check(self.lr_bins >= 1, where, "lr_bins", f"must be >= 1, got {self.lr_bins}")
+        _check(len(self.batch_sizes) >= 1, where, "batch_sizes", "must list at least one batch size")
+        for i, b in enumerate(self.batch_sizes):
+            _check(b >= 1, where, f"batch_sizes[{i}]", f"must be >= 1, got {b}")
+        _check(len(self.layers) >= 1, where, "layers", "must list at least one layer count")
+        for i, b in enumerate(self.layers):
+            _check(b >= 1, where, f"layers[{i}]", f"must be >= 1, got {b}")
+        for opt, specs in self.hparams.items():
+            _check(opt in PRESETS, where, f"hparams.{opt}", f"unknown optimizer; choose one of {sorted(PRESETS)}")
+            _check(isinstance(specs, dict), where, f"hparams.{opt}", f"expected a mapping of hyperparameter ranges, got {specs!r}")
+            for name, spec in specs.items():
+                if isinstance(spec, list):
+                    ok = len(spec) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in spec) and spec[0] <= spec[1]
+                    _check(ok, where, f"hparams.{opt}.{name}", f"expected [low, high] with low <= high or a value, got {spec!r}")
+        _check(0.0 <= self.floor <= 1.0, where, "floor", f"must be in [0, 1], got {self.floor}")
+        _check(0.0 < self.smoothing <= 1.0, where, "smoothing", f"must be in (0, 1], got {self.smoothing}")
+        # every member must make a valid strategy: check each optimizer's hyperparameters at its range ends
+        from .families import check_family
+
+        try:
+            check_family(self)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
+@dataclass
+class ProbeConfig:
+    """Real attacks run against the model during protection (``protect.probes``).
+
+    Every ``every`` iterations (0: never), ``count`` short fine-tuning runs of
+    ``epochs`` epochs with the attack harness on a held-out part of the
+    restricted training data: the recipes in ``attacks`` (dicts of
+    :class:`sophon_ext.attack.AttackSpec` fields), or, when that is empty,
+    recipes drawn from the attack family (``protect.strategies``) (worst-case members first). A probe
+    that escapes (the product's escape rule against training from scratch
+    with the same recipe) raises its family member's estimate, so it is
+    simulated more often. Probes are logged and listed in the report.
+    """
+
+    every: int = 0
+    count: int = 2
+    epochs: int = 2
+    batch_size: int = 64
+    attacks: list[dict[str, Any]] = field(default_factory=list)
+    #: fraction of the restricted training data the probes train on (the rest is their test set)
+    train_fraction: float = 0.7
+
+    def _validate(self, where: str) -> None:
+        from .finetune import AttackSpec
+
+        _check(self.every >= 0, where, "every", f"must be >= 0, got {self.every}")
+        _check(self.count >= 1, where, "count", f"must be >= 1, got {self.count}")
+        _check(self.epochs >= 1, where, "epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, where, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(0.0 < self.train_fraction < 1.0, where, "train_fraction", f"must be in (0, 1), got {self.train_fraction}")
+        for i, attack in enumerate(self.attacks):
+            try:
+                AttackSpec(**{"epochs": self.epochs, "batch_size": self.batch_size, **attack})
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{_join(where, 'attacks')}[{i}].{exc}") from None
 
 
 @dataclass
@@ -200,12 +296,17 @@ class ProtectConfig:
     ntr_steps: int = 3
     #: simulated fine-tuning steps per trajectory (K)
     inner_steps: int = 10
-    #: the simulated strategies; each FTS step runs all of them (or num_strategies drawn from them)
-    strategies: list[StrategyConfig] = field(default_factory=default_strategies)
-    #: 0 runs every listed strategy each FTS step; n > 0 draws n of them per step (with fresh seeds).
-    #: Default 3 of the 6: on the built-in default, 2000 iterations of 3 drawn strategies protect
-    #: better than 1000 of all 6 at the same cost, and 3000 of 3 pass the demo's check where 2000
-    #: missed it by 0.2 points (docs/demo/README.md)
+    #: the simulated attackers: an attack family (a mapping, FamilyConfig: num_strategies trajectories
+    #: per FTS step drawn from it, each continued up to ``horizon``), or a fixed list of strategies
+    #: (each FTS step runs all of them, or num_strategies drawn from them)
+    strategies: Union[FamilyConfig, list[StrategyConfig]] = field(default_factory=FamilyConfig)
+    #: real attack probes during protection (off by default)
+    probes: ProbeConfig = field(default_factory=ProbeConfig)
+    #: keep each layer's weight and bias norms at most this multiple of the pre-trained model's
+    #: (null: unbounded), so the protection cannot hide the features behind a scale an attacker undoes
+    scale_bound: Optional[float] = None
+    #: simulated attackers per FTS step: with a family, that many trajectories (slots) drawn from it;
+    #: with a fixed list, 0 runs every listed strategy, n > 0 draws n of them (with fresh seeds)
     num_strategies: int = 3
     #: longest simulated fine-tuning, in steps (null, or <= inner_steps: K steps from the current
     #: parameters, the paper's). A strategy's trajectory is continued the next times it is drawn,
@@ -235,20 +336,31 @@ class ProtectConfig:
     checkpoint_every: int = 50
     guard: GuardConfig = field(default_factory=GuardConfig)
 
+    @property
+    def family(self) -> Optional[FamilyConfig]:
+        """``strategies`` when it is an attack family, else None (a fixed list)."""
+        return self.strategies if isinstance(self.strategies, FamilyConfig) else None
+
     def _validate(self, where: str) -> None:
         for name in ("iterations", "fts_steps", "inner_steps", "query_size", "ntr_batch_size"):
             value = getattr(self, name)
             _check(value >= 1, where, name, f"must be >= 1, got {value}")
         _check(self.ntr_steps >= 0, where, "ntr_steps", f"must be >= 0, got {self.ntr_steps}")
-        _check(len(self.strategies) >= 1, where, "strategies", "must list at least one strategy")
+        _check(self.family is not None or len(self.strategies) >= 1, where, "strategies", "must list at least one strategy")
         _check(self.pool_size is None or self.pool_size >= 2, where, "pool_size", f"must be >= 2 or null, got {self.pool_size}")
-        largest = max(s.batch_size for s in self.strategies) if self.strategies else 0
+        if self.family is not None:
+            largest = max(self.family.batch_sizes)
+        else:
+            largest = max(s.batch_size for s in self.strategies) if self.strategies else 0
         if self.pool_size is not None:
             _check(largest + self.query_size <= self.pool_size, where, "pool_size",
                    f"must be >= the largest strategy batch_size + query_size ({largest} + {self.query_size})")
         _check(self.horizon is None or self.horizon >= 1, where, "horizon", f"must be >= 1 or null, got {self.horizon}")
         _check(self.alpha_warmup >= 0, where, "alpha_warmup", f"must be >= 0, got {self.alpha_warmup}")
         _check(self.num_strategies >= 0, where, "num_strategies", f"must be >= 0, got {self.num_strategies}")
+        if self.family is not None:
+            _check(self.num_strategies >= 1, where, "num_strategies", "must be >= 1 with a family (trajectories per FTS step)")
+        _check(self.scale_bound is None or self.scale_bound >= 1.0, where, "scale_bound", f"must be >= 1 or null, got {self.scale_bound}")
         _check(self.meta_clip is None or self.meta_clip > 0, where, "meta_clip", f"must be > 0 or null, got {self.meta_clip}")
         _check(self.alpha > 0, where, "alpha", f"must be > 0, got {self.alpha}")
         _check(self.beta > 0, where, "beta", f"must be > 0, got {self.beta}")
@@ -435,6 +547,18 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and dataclasses.is_dataclass(options[0]):
+            return _convert(options[0], value, where)  # its own message names the inner field
+        # a mapping or a list (e.g. an attack family or a list of strategies): the value's kind decides
+        kinds = {dict: next((a for a in options if dataclasses.is_dataclass(a)), None),
+                 list: next((a for a in options if typing.get_origin(a) is list), None)}
+        if all(kinds.values()):
+            if dataclasses.is_dataclass(value) and isinstance(value, kinds[dict]):
+                value = dataclasses.asdict(value)
+            for kind, option in kinds.items():
+                if isinstance(value, kind) or (kind is list and isinstance(value, tuple)):
+                    return _convert(option, value, where)
         errors = []
         for option in (a for a in args if a is not type(None)):
             try:

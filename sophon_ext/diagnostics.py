@@ -63,13 +63,35 @@ def zero_activations(model: nn.Module, task, data: ArrayDataset, batch_size: int
     }
 
 
+@torch.no_grad()
+def layer_norms(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per parametrised leaf layer: ``weight_norm``, ``bias_norm`` and ``bias_mean`` (None when absent).
+
+    A protection that hides the features behind a scale (weights much larger than
+    the pre-trained ones, strongly negative biases) shows here; such a trap is
+    what a layer-wise re-normalisation attack undoes."""
+    out = {}
+    for name, module in model.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        if not name or not own or list(module.children()):
+            continue
+        weight, bias = own.get("weight"), own.get("bias")
+        out[name] = {
+            "weight_norm": float(weight.norm()) if weight is not None else None,
+            "bias_norm": float(bias.norm()) if bias is not None else None,
+            "bias_mean": float(bias.mean()) if bias is not None else None,
+        }
+    return out
+
+
 def compare_models(models: dict[str, nn.Module], domains: dict[str, ArrayDataset], task, **kwargs) -> dict:
     """Zero-activation statistics of each model on each domain.
 
     Returns ``{"layers": [...], "zero_fraction": {model: {domain: {layer: f}}},
-    "dead_unit_fraction": {...same...}}``.
+    "dead_unit_fraction": {...same...}, "norms": {model: layer_norms(model)}}``.
     """
     zero, dead, layers = {}, {}, []
+    norms = {name: layer_norms(model) for name, model in models.items()}
     for model_name, model in models.items():
         zero[model_name], dead[model_name] = {}, {}
         for domain_name, data in domains.items():
@@ -77,4 +99,4 @@ def compare_models(models: dict[str, nn.Module], domains: dict[str, ArrayDataset
             zero[model_name][domain_name] = stats["zero_fraction"]
             dead[model_name][domain_name] = stats["dead_unit_fraction"]
             layers += [name for name in stats["zero_fraction"] if name not in layers]
-    return {"layers": layers, "zero_fraction": zero, "dead_unit_fraction": dead}
+    return {"layers": layers, "zero_fraction": zero, "dead_unit_fraction": dead, "norms": norms}

@@ -45,6 +45,13 @@ from .data import ArrayDataset, DomainSplits, split
 from .tasks import Task, make_task
 
 DataLike = Any  # ArrayDataset | DomainSplits | (x, y) tuple of tensors / arrays
+#: how a guard stop caused by NaN/inf weights or metrics starts its reason
+NON_FINITE = "non-finite values"
+
+
+class ProtectionFailed(RuntimeError):
+    """The protection could not produce a usable model (e.g. it diverged to non-finite weights
+    and the guard gave up); nothing is written as the protected model."""
 
 
 @dataclass
@@ -213,6 +220,20 @@ class Sophon:
                 raise ValueError("strategies: must list at least one strategy")
         self.fixed_strategies = strategies
         self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.sampler = None
+        self.slots: dict[int, tuple[int, Any]] = {}  # family slot -> (member index, its strategy)
+        if strategies is None and self.pc.family is not None:
+            from .families import FamilySampler
+
+            self.sampler = FamilySampler(self.pc.family, self.pc.inner_steps)
+        self.variant: str | None = None  # the simulation path "auto" settled on (recorded, replayed)
+        self.probes = None
+        if self.pc.probes.every:
+            from .probes import AttackProbes
+
+            self.probes = AttackProbes(self.pc.probes, self.task, self.restricted_train, self.config.seed, self.device, head)
+        # the pre-trained scale every layer is held to (protect.scale_bound)
+        self.reference_norms = {n: float(p.detach().norm()) for n, p in self.params.items()}
         params = list(self.params.values())
         self.fts_optimizer = torch.optim.Adam(params, lr=self.pc.alpha)
         for group in self.fts_optimizer.param_groups:
@@ -246,12 +267,24 @@ class Sophon:
         if self.fixed_strategies is not None:
             slots = list(range(len(self.fixed_strategies)))
             return slots, [dataclasses.replace(s, seed=self._randint(2**31)) for s in self.fixed_strategies]
+        if self.sampler is not None:
+            return self._draw_from_family()
         listed = self.pc.strategies
         if self.pc.num_strategies:
             slots = torch.randint(len(listed), (self.pc.num_strategies,), generator=self.generator).tolist()
         else:
             slots = list(range(len(listed)))
         return slots, [_strategy_from_config(listed[i], self.pc.inner_steps, self._randint(2**31)) for i in slots]
+
+    def _draw_from_family(self) -> tuple[list[int], list]:
+        """One trajectory per family slot: a slot whose simulated attacker is still being continued
+        keeps its strategy; the others draw a new member (worst-case first, when so configured)."""
+        slots = list(range(self.pc.num_strategies))
+        for slot in slots:
+            continuing = self.chains is not None and self.chains.has_chain(slot)
+            if slot not in self.slots or not continuing:
+                self.slots[slot] = self.sampler.draw(self.generator)
+        return slots, [self.slots[slot][1] for slot in slots]
 
     def _sample(self, data: ArrayDataset, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``size`` samples drawn without replacement (with, when the dataset is smaller)."""
@@ -292,7 +325,7 @@ class Sophon:
             suppression_loss=self.task.suppression_loss,
             query_size=self.pc.query_size,
             order=self.pc.order,
-            path=self.pc.simulate_path,
+            path=self._simulate_path(inputs),
             chunk_size=self.pc.chunk_size,
             head=self.head,
             generator=self.generator,
@@ -324,6 +357,9 @@ class Sophon:
         self.fts_optimizer.step()
         self.fts_optimizer.zero_grad(set_to_none=True)
         losses = result.query_losses.detach().float()
+        if self.sampler is not None:
+            for i, slot in enumerate(slots):
+                self.sampler.observe(self.slots[slot][0], float(losses[i, -1]))
         return {
             "sup_loss": float(losses.mean()),
             "sup_loss_first": float(losses[:, 0].mean()),
@@ -331,8 +367,22 @@ class Sophon:
             "sup_loss_per_strategy": [float(v) for v in losses[:, -1]],
             "meta_grad_norm": float(norm),
             "path": str(getattr(result, "path", "")),
+            "variant": self._simulate_path(inputs),
             **({"chain_depths": depths} if depths is not None else {}),
+            **({"members": [self.sampler.members[self.slots[s][0]].name for s in slots]} if self.sampler is not None else {}),
         }
+
+    def _simulate_path(self, inputs: tuple) -> str:
+        """``protect.simulate_path``; "auto" is settled once without timing (stacked when the model
+        traces, see :func:`sophon_ext._simulate_paths.untimed_variant`), logged and checkpointed, so
+        two runs of one config, seed and thread count compute the same numbers."""
+        if self.pc.simulate_path != "auto":
+            return self.pc.simulate_path
+        if self.variant is None:
+            from ._simulate_paths import untimed_variant
+
+            self.variant = untimed_variant(self.model, inputs)
+        return self.variant
 
     def _ntr_step(self) -> float:
         x, y = self._sample(self.original_train, self.pc.ntr_batch_size)
@@ -348,13 +398,51 @@ class Sophon:
         self.ntr_optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
+    @torch.no_grad()
+    def _bound_scale(self) -> None:
+        """Project every parameter tensor back to at most ``scale_bound`` times its pre-trained norm."""
+        for name, p in self.params.items():
+            limit = self.pc.scale_bound * self.reference_norms[name]
+            norm = float(p.norm())
+            if norm > limit > 0:
+                p.mul_(limit / norm)
+
+    def _probe_specs(self) -> list:
+        """This round's probe recipes: the configured ones, or members drawn from the family."""
+        probes = self.probes
+        if self.pc.probes.attacks:
+            return [probes.spec(dict(a)) for a in self.pc.probes.attacks]
+        if self.sampler is None:
+            return [probes.spec(dict(a)) for a in self.config.attack.attacks]
+        specs = []
+        for _ in range(self.pc.probes.count):
+            index = self.sampler.draw_member(self.generator)
+            strategy = self.sampler.strategy_for(index, self.generator)
+            hparams = dict(strategy.hparams)
+            specs.append(probes.spec({"method": strategy.method, "optimizer": strategy.optimizer, "lr": strategy.lr,
+                                      "layers": strategy.layers, "weight_decay": float(hparams.pop("weight_decay", 0.0)),
+                                      "hparams": hparams}))
+        return specs
+
+    def _run_probes(self) -> list[dict]:
+        """Real attacks on the current model; an escape makes its member the worst-case one."""
+        specs = self._probe_specs()  # every rank draws them, so the shared random stream stays in step
+        # rank 0 runs them for all; every rank gets the same feedback
+        records = self.comm.broadcast_object(self.probes.run(self.model, specs) if self.comm.is_main else None)
+        if self.sampler is not None:
+            for record in records:
+                index = self.sampler.member_of(record["optimizer"], record["method"], record["lr"])
+                if record["escape"] and index is not None:
+                    self.sampler.boost(index)
+        return records
+
     def evaluate_original(self) -> float:
         """The task's metric on the held-out original-domain split."""
         if not self.comm.is_main:  # rank 0 measures for all, so the guard decides the same everywhere
             return self.comm.broadcast_object(None)
         # A fresh draw of the task's evaluation noise (generation: timesteps and noise) at every
         # check: with one fixed draw the protection learnt to pass the guard while failing on
-        # other draws (docs/generation/README.md). Classification ignores the seed.
+        # other draws (docs/DESIGN_NOTES.md). Classification ignores the seed.
         seed = self.config.seed + self.iteration
         metrics = self.task.evaluate(self.model, self.original_val.x, self.original_val.y, seed=seed)
         return self.comm.broadcast_object(float(metrics[self.task.metric_name]))
@@ -373,8 +461,13 @@ class Sophon:
             return None
         return max(bounds) if better > 0 else min(bounds)
 
+    def _finite_model(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values() if t.is_floating_point())
+
     def _is_good(self, metric: float) -> bool:
-        if not math.isfinite(metric):
+        # a model with a non-finite weight is broken whatever its metric says (a NaN model that
+        # predicts one class can sit within max_drop of a weak start)
+        if not math.isfinite(metric) or not self._finite_model():
             return False
         bound = self._bound()
         if bound is None:
@@ -409,13 +502,17 @@ class Sophon:
         if not self.pc.guard.enabled or self._is_good(metric):
             self.last_good = self._snapshot()
             return
+        finite = math.isfinite(metric) and self._finite_model()
         # Roll back to the last good state; keep the random stream moving on.
         good = self.last_good
         self._restore(good)
         self.last_metric = good["metric"]
         self.rollbacks += 1
         record["rollback_to"] = good["iteration"]
-        reason = f"original-domain {self.task.metric_name} {metric:.4g} crossed the guard bound {self._bound():.4g}"
+        if finite:
+            reason = f"original-domain {self.task.metric_name} {metric:.4g} crossed the guard bound {self._bound():.4g}"
+        else:
+            reason = f"{NON_FINITE}: parameters or original-domain {self.task.metric_name} ({metric:.4g})"
         if self.pc.guard.action == "stop" or self.rollbacks > self.pc.guard.max_rollbacks:
             self.stopped, self.stop_reason = True, reason + f"; rolled back to iteration {good['iteration']} and stopped"
         else:
@@ -444,6 +541,10 @@ class Sophon:
         ntr = [self._ntr_step() for _ in range(self.pc.ntr_steps)]
         if ntr:
             record["ntr_loss"] = sum(ntr) / len(ntr)
+        if self.pc.scale_bound is not None:
+            self._bound_scale()
+        if self.probes is not None and self.iteration % self.pc.probes.every == 0:
+            record["probes"] = self._run_probes()
         if not all(math.isfinite(record[k]) for k in ("sup_loss", "meta_grad_norm")) or not all(map(math.isfinite, ntr)):
             record["non_finite"] = True
         at_end = self.iteration >= self.pc.iterations
@@ -496,7 +597,19 @@ class Sophon:
             stop_reason=self.stop_reason,
             seconds=self._seconds,
             rollbacks=self.rollbacks,
+            extra=self._extra(),
         )
+
+    def _extra(self) -> dict:
+        """What the report shows of the simulated family and the probes."""
+        extra: dict[str, Any] = {}
+        if self.sampler is not None:
+            extra["family"] = self.sampler.summary()
+        probes = [{"iteration": r["iteration"], **p} for r in self.history for p in r.get("probes", [])]
+        if probes:
+            extra["probes"] = probes
+            extra["probe_escapes"] = sum(p["escape"] for p in probes)
+        return extra
 
     # ------------------------------------------------------------------ progress / log
 
@@ -556,9 +669,15 @@ class Sophon:
             "stopped": self.stopped,
             "stop_reason": self.stop_reason,
             "seconds": self._seconds,
+            "variant": self.variant,
         }
         if self.chains is not None:
             state["chains"] = self.chains.state_dict()
+        if self.sampler is not None:
+            from .families import strategy_to_dict
+
+            state["family"] = {"sampler": self.sampler.state_dict(),
+                               "slots": {str(s): [m, strategy_to_dict(st)] for s, (m, st) in self.slots.items()}}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
@@ -583,8 +702,14 @@ class Sophon:
             self.stopped = bool(state["stopped"])
             self.stop_reason = state["stop_reason"]
             self._seconds = float(state["seconds"])
+            self.variant = state.get("variant")
             if self.chains is not None:
                 self.chains.load_state_dict(state["chains"], self.device)
+            if self.sampler is not None:
+                from .strategies import FineTuneStrategy
+
+                self.sampler.load_state_dict(state["family"]["sampler"])
+                self.slots = {int(s): (int(m), FineTuneStrategy(**fields)) for s, (m, fields) in state["family"]["slots"].items()}
         except (KeyError, RuntimeError, TypeError, ValueError) as exc:
             raise ckpt.CheckpointError(f"checkpoint: state does not fit this run: {exc}") from None
 
@@ -667,4 +792,4 @@ def protect(
     return model
 
 
-__all__ = ["Sophon", "protect", "ProtectionResult", "ConfigError"]
+__all__ = ["Sophon", "protect", "ProtectionResult", "ProtectionFailed", "ConfigError"]

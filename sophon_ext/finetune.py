@@ -24,18 +24,13 @@ from torch import nn
 from . import surgery
 from .data import ArrayDataset
 from .lora import add_lora
+from .methods import InputChanged, get_method, method_names
 from .optim.presets import PRESETS, make_torch_optimizer
 
-#: every attack method; the first five are shared with the simulator (surgery.METHODS)
-ATTACK_METHODS = surgery.METHODS + ("probe", "lora")
-#: methods that need a classifier head whose output is the model's output
-HEAD_METHODS = ("reinit_head", "head_only", "probe")
-#: methods that train a new head sized to the restricted data's labels
-NEW_HEAD_METHODS = ("reinit_head", "probe")
+#: the built-in attack methods (:mod:`sophon_ext.methods`; methods registered later are accepted too)
+ATTACK_METHODS = method_names()
 #: learning-rate schedules, as a factor of the base lr at optimizer step t of T
 SCHEDULES = ("constant", "cosine", "linear", "step")
-#: methods that read ``layers`` and their default when it is None
-_DEFAULT_LAYERS = {"reinit_layers": 1, "freeze_first": 1}
 
 
 @dataclass
@@ -63,8 +58,8 @@ class AttackSpec:
     hparams: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in ATTACK_METHODS:
-            raise ValueError(f"method: unknown attack method {self.method!r}; choose one of {ATTACK_METHODS}")
+        if self.method not in method_names():
+            raise ValueError(f"method: unknown attack method {self.method!r}; choose one of {method_names()}")
         if self.optimizer not in PRESETS:
             raise ValueError(f"optimizer: unknown name {self.optimizer!r}; choose one of {sorted(PRESETS)}")
         if self.schedule not in SCHEDULES:
@@ -93,7 +88,7 @@ class AttackSpec:
         """A readable, file-name-safe id that differs whenever the attack differs."""
         parts = [self.method, self.optimizer, f"lr{self.lr:g}", f"bs{self.batch_size}", f"ep{self.epochs}",
                  f"wd{self.weight_decay:g}", self.schedule]
-        if self.method in ("reinit_layers", "freeze_first", "probe") and self.layers is not None:
+        if (self.method == "probe" or get_method(self.method).needs_layers) and self.layers is not None:
             layers = self.layers if not isinstance(self.layers, list) else "+".join(self.layers)
             parts.append(f"L{layers}")
         if self.method == "lora":
@@ -202,6 +197,16 @@ def _check_head(model: nn.Module, task, method: str, sample_inputs: tuple, head:
     return head_name
 
 
+def _resize_head(model: nn.Module, head_name: str, outputs: int) -> None:
+    """Replace a linear head by one with ``outputs`` units (its values are re-initialised next)."""
+    head_module = model.get_submodule(head_name)
+    if isinstance(head_module, nn.Linear) and head_module.out_features != outputs:
+        parent_name, _, child = head_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, nn.Linear(head_module.in_features, outputs, device=head_module.weight.device,
+                                         dtype=head_module.weight.dtype))
+
+
 def _probe_layer(model: nn.Module, layers) -> str:
     names = surgery.parametrised_layers(model)
     if layers is None:
@@ -227,48 +232,33 @@ def prepare_attack_model(model: nn.Module, spec: AttackSpec, task, train: ArrayD
     model = copy.deepcopy(model)
     if device is not None:
         model.to(device)
-    method = spec.method
+    method = get_method(spec.method)
     sample_inputs, _ = task.prepare(train.x[:2], train.y[:2], torch.Generator().manual_seed(0))
-    head_name = _check_head(model, task, method, sample_inputs, head) if method in HEAD_METHODS else None
-    if method == "reinit_head":
-        head_module = model.get_submodule(head_name)
-        outputs = _label_count(train, test)
-        if isinstance(head_module, nn.Linear) and head_module.out_features != outputs:
-            # an attacker sizes the new head to the restricted domain's labels
-            parent_name, _, child = head_name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, nn.Linear(head_module.in_features, outputs, device=head_module.weight.device,
-                                             dtype=head_module.weight.dtype))
-        surgery.reinitialise(model, [head_name], generator)
-    elif method == "reinit_layers":
-        surgery.reinitialise(model, surgery.resolve_layers(model, spec.layers or _DEFAULT_LAYERS[method]), generator)
-    elif method == "probe":
+    new_head = "head" in method.reinit or spec.method == "probe"  # an attacker sizes it to the restricted labels
+    head_name = _check_head(model, task, spec.method, sample_inputs, head) if method.needs_head or spec.method == "probe" else None
+    if new_head and spec.method != "probe":
+        _resize_head(model, head_name, _label_count(train, test))
+    if spec.method == "probe":
         model = LinearProbe(model, _probe_layer(model, spec.layers), sample_inputs, _label_count(train, test), generator)
-    elif method == "lora":
+    elif spec.method == "lora":
         add_lora(model, spec.rank, generator=generator)
-
-    if method == "head_only":
-        trainable = set(surgery.parameter_names(model, [head_name]))
-    elif method == "freeze_first":
-        frozen = set(surgery.parameter_names(model, surgery.resolve_layers(model, spec.layers or _DEFAULT_LAYERS[method])))
-        trainable = {n for n, _ in model.named_parameters()} - frozen
-    elif method in ("probe", "lora"):
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     else:
-        trainable = {n for n, _ in model.named_parameters()}
-    params = []
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in trainable)
-        if name in trainable:
-            params.append(p)
+        reinit, frozen = method.targets(model, spec.layers, head_name)
+        method.apply_to_module(model, reinit, generator)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in set(frozen))
+    params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError(f"method: {method!r} with layers={spec.layers!r} leaves no parameter to train")
+        raise ValueError(f"method: {spec.method!r} with layers={spec.layers!r} leaves no parameter to train")
+    change = method.input_change_for(spec.seed)
+    if change is not None:
+        model = InputChanged(model, change)
     try:
         task.check_model(model, train.x, train.y)
         task.check_model(model, test.x, test.y)
     except ValueError as exc:
-        keeps = "keeps the model's head" if method not in NEW_HEAD_METHODS else "builds a new head"
-        raise ValueError(f"attack {spec.name}: method {method!r} {keeps}: {exc}") from exc
+        keeps = "builds a new head" if new_head else "keeps the model's head"
+        raise ValueError(f"attack {spec.name}: method {spec.method!r} {keeps}: {exc}") from exc
     return model, params
 
 

@@ -59,7 +59,38 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b != 0 else None
 
 
-def summarise_attack(curves: dict, higher_is_better: bool) -> dict:
+#: the escape rule's margins, in metric units: final and area (mean level) of the curve
+ESCAPE_FINAL_MARGIN = 0.02
+ESCAPE_AREA_MARGIN = 0.01
+
+
+def escapes(protected: Sequence[float | None], scratch: Sequence[float | None], higher_is_better: bool,
+            chance: float | None = None) -> bool:
+    """The one escape rule of the product (demo check, attack grids, probes in the loop).
+
+    An attack escapes when fine-tuning the protected model ends more than
+    ``ESCAPE_FINAL_MARGIN`` better than training from scratch under the same
+    recipe, or its area under the per-epoch curve is more than
+    ``ESCAPE_AREA_MARGIN`` better. A protected curve whose final value and
+    area both stay within ``ESCAPE_FINAL_MARGIN`` of ``chance`` (e.g. 1/C for
+    C classes) is a tie at chance, not an escape.
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    p, s = _filled(protected), _filled(scratch)
+    ahead = sign * (p[-1] - s[-1]) > ESCAPE_FINAL_MARGIN or \
+        sign * (area_under_curve(p) - area_under_curve(s)) > ESCAPE_AREA_MARGIN
+    if not ahead or chance is None:
+        return ahead
+    at_chance = all(sign * (v - chance) <= ESCAPE_FINAL_MARGIN for v in (p[-1], area_under_curve(p)))
+    return not at_chance
+
+
+def chance_level(task, data) -> float | None:
+    """The metric a model reaches by guessing: 1/C for accuracy over C classes, None otherwise."""
+    return 1.0 / data.num_classes if task.metric_name == "accuracy" and data.num_classes > 0 else None
+
+
+def summarise_attack(curves: dict, higher_is_better: bool, chance: float | None = None) -> dict:
     """Summary numbers of one attack from its curves (``{start: {"metric": [...]}}``).
 
     - ``overhead_ratio``: epochs the protected model needs to reach the metric
@@ -72,6 +103,7 @@ def summarise_attack(curves: dict, higher_is_better: bool) -> dict:
       any epoch, in the better direction (positive: the protected model was
       ahead of training from scratch at some point).
     - ``final``: the last entry of each curve (None if it diverged).
+    - ``escape``: :func:`escapes` (protected against scratch).
     Diverged entries count as no progress from entry 0.
     """
     sign = 1.0 if higher_is_better else -1.0
@@ -90,6 +122,7 @@ def summarise_attack(curves: dict, higher_is_better: bool) -> dict:
         "epochs_to_scratch_final": reach,
         "overhead_ratios": overhead,
         "auc": {start: area_under_curve(c["metric"]) for start, c in curves.items()},
+        "escape": escapes(curves["protected"]["metric"], curves["scratch"]["metric"], higher_is_better, chance),
     }
 
 
@@ -211,13 +244,73 @@ def summary_markdown(report: dict) -> str:
         finals = [_fmt(a["curves"][st]["metric"][-1]) if st in a["curves"] else "" for st in _starts(report)]
         lines.append(f"| A{i} | " + " | ".join(str(x) for x in spec) + " | " + " | ".join(finals)
                      + f" | {_fmt(s['overhead_ratio'])} | {_fmt(s['auc_ratio'])} | {_fmt(s['max_gap_vs_scratch'])} |")
+    escaped = [f"A{i}" for i, a in enumerate(attacks) if a["summary"].get("escape")]
+    lines += ["", f"**{len(escaped)} of {len(attacks)} attacks escape** (final more than {ESCAPE_FINAL_MARGIN} or area "
+              f"more than {ESCAPE_AREA_MARGIN} better than scratch, not a tie at chance)"
+              + (": " + ", ".join(escaped) if escaped else "") + "."]
     lines += ["", "Overhead ratio: epochs the protected model needs to reach scratch's final "
               f"{metric}, over the epochs scratch needs (\"never\": not within the budget). AUC ratio: area under "
               "the protected curve over scratch's. Max gap: largest lead of protected over scratch at any epoch.", ""]
     lines += _inspection_markdown(report)
+    lines += _diagnostics_markdown(report)
+    lines += _protection_markdown(report)
     if report.get("command"):
         lines += ["Produced by:", "", "```", report["command"], "```", ""]
     return "\n".join(lines)
+
+
+def _diagnostics_markdown(report: dict) -> list[str]:
+    """Where the protection lives, per layer: exactly-zero activations on each domain and the
+    weight/bias scale of the protected model against the unprotected one."""
+    def _number(value) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    diag = report.get("diagnostics") or {}
+    zero, norms = diag.get("zero_fraction", {}), diag.get("norms", {})
+    if "protected" not in zero or "unprotected" not in zero:
+        return []
+    domains = list(zero["protected"])
+    lines = ["## Where the protection lives", "",
+             "| layer | " + " | ".join(f"zero share on {d}, protected / unprotected" for d in domains)
+             + " | weight norm, protected / unprotected | bias mean, protected / unprotected |",
+             "|---|" + "---|" * (len(domains) + 2)]
+    for layer in diag.get("layers", []):
+        cells = [f"{_number(zero['protected'][d].get(layer))} / {_number(zero['unprotected'][d].get(layer))}" for d in domains]
+        p, u = norms.get("protected", {}).get(layer, {}), norms.get("unprotected", {}).get(layer, {})
+        cells.append(f"{_number(p.get('weight_norm'))} / {_number(u.get('weight_norm'))}")
+        cells.append(f"{_number(p.get('bias_mean'))} / {_number(u.get('bias_mean'))}")
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _protection_markdown(report: dict, members: int = 12) -> list[str]:
+    """The demo's protection run: the check's verdict, the simulated family's most-drawn members
+    (worst-case sampler: draws, escape estimate, probability) and the real attack probes."""
+    protection, checks = report.get("protection") or {}, report.get("checks") or {}
+    lines = []
+    if checks:
+        verdict = "PASS" if checks.get("protected_passes") else "FAIL"
+        lines += [f"## Protection check: {verdict}", "",
+                  f"No attack escapes and the original domain drops at most 0.03 "
+                  f"(drop {checks.get('original_drop', 0.0):.3f}).", ""]
+    family = protection.get("family")
+    if family:
+        top = sorted(family, key=lambda m: -m["draws"])[:members]
+        lines += [f"## Simulated attack family ({len(family)} members; the {len(top)} most drawn)", "",
+                  "| member | draws | escape estimate | probability now |", "|---|---|---|---|"]
+        for m in top:
+            estimate = "-" if m["estimate"] is None else f"{m['estimate']:.3f}"
+            lines.append(f"| {m['member']} | {m['draws']} | {estimate} | {m['probability']:.3f} |")
+        lines.append("")
+    probes = protection.get("probes")
+    if probes:
+        lines += [f"## Attack probes during protection ({protection.get('probe_escapes', 0)} of {len(probes)} escaped)", "",
+                  "| iteration | attack | protected final / area | scratch final / area | escape |", "|---|---|---|---|---|"]
+        for p in probes:
+            lines.append(f"| {p['iteration']} | {p['attack']} | {_fmt(p['protected_final'])} / {_fmt(p['protected_area'])} "
+                         f"| {_fmt(p['scratch_final'])} / {_fmt(p['scratch_area'])} | {'yes' if p['escape'] else 'no'} |")
+        lines.append("")
+    return lines
 
 
 def _inspection_markdown(report: dict) -> list[str]:

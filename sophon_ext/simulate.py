@@ -11,13 +11,13 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._simulate_batches import apply_transform, check_data, draw_batches, stacked_batch
+from ._simulate_batches import apply_transform, check_data, compose_transforms, draw_batches, stacked_batch
 from ._simulate_memory import activation_bytes_per_sample, auto_chunk_size, is_out_of_memory, trajectory_bytes
-from ._simulate_paths import Chunk, UpdateGroup, run_chunk
+from ._simulate_paths import VARIANTS, Chunk, UpdateGroup, reported_path, run_chunk
 from .optim.functional import get_functional_optimizer, validate_hparams
 from .optim.presets import resolve_preset
+from .methods import check_param_values, get_method
 from .strategies import FineTuneStrategy
-from .surgery import fresh_parameters, method_targets
 
 PATHS = ("auto", "vmap", "stacked", "chunked", "loop")
 ORDERS = ("first", "second")
@@ -51,6 +51,7 @@ class _Plan:
     static: tuple  # (name, value) of the static hyperparameters: they split vmapped groups
     frozen: frozenset
     reinit: list  # module names to re-initialise
+    input_transform: Callable | None  # the method's input change, then the strategy's own
 
 
 def _plan(model: nn.Module, index: int, strategy: FineTuneStrategy, head: str | None) -> _Plan:
@@ -61,29 +62,21 @@ def _plan(model: nn.Module, index: int, strategy: FineTuneStrategy, head: str | 
         raise type(exc)(f"strategies[{index}]: {exc}") from None
     opt = get_functional_optimizer(base)
     static = tuple(sorted((k, hp[k]) for k in opt.static_names))
-    reinit, frozen = ([], []) if strategy.method == "custom" else method_targets(model, strategy.method, strategy.layers, head)
-    return _Plan(index, strategy, base, hp, static, frozenset(frozen), list(reinit))
+    reinit, frozen, transform = [], [], strategy.input_transform
+    if strategy.method != "custom":
+        method = get_method(strategy.method)
+        reinit, frozen = method.targets(model, strategy.layers, head)
+        transform = compose_transforms(method.simulated_input_transform(strategy.seed), transform)
+    return _Plan(index, strategy, base, hp, static, frozenset(frozen), list(reinit), transform)
 
 
 def _start_parameters(model: nn.Module, plan: _Plan, theta: dict[str, Tensor]) -> dict[str, Tensor]:
     """The trajectory's starting point as a function of ``theta`` (autograd sees through it)."""
-    start = dict(theta)
     generator = torch.Generator().manual_seed(plan.strategy.seed)
-    modules = dict(model.named_modules())
-    for module in plan.reinit:  # same order and generator as surgery.reinitialise
-        for local, value in fresh_parameters(modules[module], generator).items():
-            start[f"{module}.{local}" if module else local] = value
-    if plan.strategy.method == "custom":
-        out = plan.strategy.surgery(dict(theta), generator)
-        if not isinstance(out, dict):
-            raise TypeError(f"surgery: must return a dict name -> tensor, got {type(out).__name__}")
-        for name, value in out.items():
-            if name not in theta:
-                raise ValueError(f"surgery: returned {name!r}, not a parameter of the model; parameters: {list(theta)}")
-            if not isinstance(value, Tensor) or value.shape != theta[name].shape:
-                raise ValueError(f"surgery: value for {name!r} must be a tensor of shape {tuple(theta[name].shape)}")
-            start[name] = value.to(dtype=theta[name].dtype, device=theta[name].device)
-    return start
+    if plan.strategy.method != "custom":
+        return get_method(plan.strategy.method).simulated_start(model, theta, plan.reinit, generator)
+    out = check_param_values(plan.strategy.surgery(dict(theta), generator), theta, "surgery")
+    return {**theta, **{n: v.to(dtype=theta[n].dtype, device=theta[n].device) for n, v in out.items()}}
 
 
 @contextlib.contextmanager
@@ -147,8 +140,8 @@ def _check_arguments(model, strategies, query_size, order, path, chunk_size):
         raise ValueError(f"query_size: must be an int >= 1, got {query_size!r}")
     if order not in ORDERS:
         raise ValueError(f"order: must be one of {ORDERS}, got {order!r}")
-    if path not in PATHS:
-        raise ValueError(f"path: must be one of {PATHS}, got {path!r}")
+    if path not in PATHS and path not in VARIANTS:
+        raise ValueError(f"path: must be one of {PATHS} (or a variant of auto: {sorted(VARIANTS)}), got {path!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: must be None or an int >= 1, got {chunk_size!r}")
     return steps.pop()
@@ -158,7 +151,7 @@ def _forward_key(plan: _Plan, model_has_bn: bool, inputs) -> tuple:
     """Trajectories with equal keys can share one (padded) batched forward pass."""
     # BatchNorm's batch statistics would see padding: with it, batch sizes do not mix
     size = plan.strategy.batch_size if model_has_bn else None
-    return (size, _transformed_signature(plan.strategy.input_transform, inputs))
+    return (size, _transformed_signature(plan.input_transform, inputs))
 
 
 def _update_key(plan: _Plan) -> tuple:
@@ -252,7 +245,7 @@ def simulate(model: nn.Module, strategies: Sequence[FineTuneStrategy], data, ada
         for members in groups.values():
             size = chunk_size
             if size is None:
-                size = len(members) if path in ("vmap", "stacked", "loop") and order == "first" else _memory_chunk_size(
+                size = len(members) if path not in ("auto", "chunked") and order == "first" else _memory_chunk_size(
                     model, members, inputs, targets, adaptation_loss, order, steps, query_size, device)
             queue = [members[first : first + size] for first in range(0, len(members), size)]
             while queue:
@@ -292,7 +285,7 @@ def _run_part(model, part, theta, batches, inputs, targets, adaptation_loss, sup
         update_groups.append(_update_group(rows, members, names, device))
     chunk = Chunk(model, update_groups, adaptation_loss, suppression_loss, order, start,
                   [plan.strategy.batch_size for plan in part])
-    transforms = [plan.strategy.input_transform for plan in part]
+    transforms = [plan.input_transform for plan in part]
 
     def batch_at(k):
         def make():

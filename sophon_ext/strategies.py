@@ -16,13 +16,12 @@ from typing import Callable, Sequence
 import torch
 
 from .optim.functional import validate_hparams
-from .optim.presets import PRESETS, resolve_preset
-from .surgery import METHODS
+from .optim.presets import ATTACK_LR_RANGES, PRESETS, resolve_preset
+from .methods import get_method, method_names
 
-#: ``method`` values: the built-in surgery methods, plus "custom" (user surgery).
-STRATEGY_METHODS = METHODS + ("custom",)
-# Methods that need ``layers`` (which first layers / modules they act on).
-_LAYER_METHODS = ("reinit_layers", "freeze_first")
+#: ``method`` values: the built-in simulated methods of :mod:`sophon_ext.methods`, plus "custom"
+#: (user surgery); methods registered later are accepted too.
+STRATEGY_METHODS = method_names(simulated=True) + ("custom",)
 
 Surgery = Callable[[dict, torch.Generator], dict]
 
@@ -36,12 +35,12 @@ class FineTuneStrategy:
       ``hparams`` override the preset's hyperparameters (torch.optim names,
       e.g. ``{"weight_decay": 1e-4, "momentum": 0.5}``).
     - ``lr`` > 0, ``batch_size`` >= 1 samples per step, ``steps`` >= 1.
-    - ``method``: ``"full"`` (train everything), ``"reinit_head"`` (head
-      re-initialised, then full), ``"reinit_layers"`` (the modules ``layers``
-      re-initialised, then full), ``"head_only"`` (only the head trains),
-      ``"freeze_first"`` (the modules ``layers`` are frozen), or ``"custom"``.
+    - ``method``: a method of the registry (:mod:`sophon_ext.methods`:
+      ``"full"``, ``"reinit_head"``, ``"reinit_layers"``, ``"reinit_head_layers"``,
+      ``"head_only"``, ``"freeze_first"``, ``"renorm"``, ``"standardise"``, or
+      one registered with :func:`sophon_ext.register_method`), or ``"custom"``.
     - ``layers``: a count of first parametrised layers or module name(s), for
-      ``reinit_layers`` / ``freeze_first``.
+      the methods that read it (default: the method's, 1 layer).
     - ``seed``: seeds the re-initialisation (and the custom surgery's generator).
     - ``surgery`` (method ``"custom"``): ``surgery(params, generator) -> dict``
       receives the parameters by name and returns new values for the ones it
@@ -73,16 +72,15 @@ class FineTuneStrategy:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
-        if self.method not in STRATEGY_METHODS:
-            raise ValueError(f"method: unknown method {self.method!r}; choose one of {STRATEGY_METHODS}")
+        valid = method_names(simulated=True) + ("custom",)
+        if self.method not in valid:
+            raise ValueError(f"method: unknown method {self.method!r}; choose one of {valid}")
         if not isinstance(self.hparams, dict):
             raise TypeError(f"hparams: expected a dict, got {type(self.hparams).__name__}")
         if "lr" in self.hparams:
             raise ValueError("hparams: set the learning rate with the lr field, not hparams['lr']")
         # names and ranges as torch.optim checks them (hp['beta1']: must be in [0, 1) ...)
         validate_hparams(*resolve_preset(self.optimizer, {**self.hparams, "lr": float(self.lr)}))
-        if self.method in _LAYER_METHODS and self.layers is None:
-            raise ValueError(f"layers: method {self.method!r} needs layers (a count of first layers or module names)")
         if self.method == "custom" and not callable(self.surgery):
             raise ValueError("surgery: method 'custom' needs a callable surgery(params, generator) -> dict")
         if self.method != "custom" and self.surgery is not None:
@@ -93,19 +91,8 @@ class FineTuneStrategy:
             raise TypeError(f"seed: expected an int, got {self.seed!r}")
 
 
-# Default learning-rate ranges (log-uniform) per preset: adaptive methods use
-# smaller rates than SGD, as attackers would.
-DEFAULT_LR_RANGES: dict[str, tuple[float, float]] = {
-    "sgd": (1e-3, 1e-1),
-    "sgd_momentum": (1e-4, 3e-2),
-    "nesterov": (1e-4, 3e-2),
-    "adam": (1e-5, 3e-3),
-    "adamw": (1e-5, 3e-3),
-    "rmsprop": (1e-5, 1e-3),
-    "adagrad": (1e-4, 3e-2),
-    "adadelta": (1e-2, 1.0),
-    "lion": (1e-5, 1e-3),
-}
+#: Default learning-rate ranges (log-uniform) per preset (shared with attack families)
+DEFAULT_LR_RANGES = ATTACK_LR_RANGES
 
 
 @dataclass
@@ -133,9 +120,10 @@ class StrategySampler:
         unknown = [o for o in self.optimizers if o not in PRESETS]
         if not self.optimizers or unknown:
             raise ValueError(f"optimizers: unknown or empty {list(unknown) or list(self.optimizers)}; choose from {sorted(PRESETS)}")
-        bad_methods = [m for m in self.methods if m not in METHODS]
+        simulated = method_names(simulated=True)
+        bad_methods = [m for m in self.methods if m not in simulated]
         if not self.methods or bad_methods:
-            raise ValueError(f"methods: unknown or empty {bad_methods or list(self.methods)}; choose from {METHODS}")
+            raise ValueError(f"methods: unknown or empty {bad_methods or list(self.methods)}; choose from {simulated}")
         for name, (low, high) in self.lr_ranges.items():
             if name not in PRESETS:
                 raise ValueError(f"lr_ranges: unknown optimizer {name!r}; choose from {sorted(PRESETS)}")
@@ -143,7 +131,7 @@ class StrategySampler:
                 raise ValueError(f"lr_ranges[{name!r}]: need 0 < low <= high, got ({low}, {high})")
         if not self.batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch_sizes: need ints >= 1, got {list(self.batch_sizes)}")
-        if any(m in _LAYER_METHODS for m in self.methods) and not self.layers:
+        if any(get_method(m).needs_layers for m in self.methods) and not self.layers:
             raise ValueError("layers: the layer methods need at least one choice of layers")
         self._rng = random.Random(self.seed)
 
@@ -178,7 +166,7 @@ class StrategySampler:
                     steps=self.steps,
                     method=method,
                     hparams=self._hparams(optimizer),
-                    layers=self._rng.choice(list(self.layers)) if method in _LAYER_METHODS else None,
+                    layers=self._rng.choice(list(self.layers)) if get_method(method).needs_layers else None,
                     seed=self._rng.randrange(2**31),
                 )
             )

@@ -14,9 +14,6 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-# The attack/fine-tuning methods both the simulator and the harness know.
-METHODS = ("full", "reinit_head", "reinit_layers", "head_only", "freeze_first")
-
 # Attribute names torchvision/timm/our models use for the classifier.
 _HEAD_ATTRIBUTES = ("head", "fc", "classifier", "heads", "last_linear")
 
@@ -122,27 +119,3 @@ def reinitialise(model: nn.Module, module_names: Iterable[str], generator: torch
     for name in module_names:
         for local, value in fresh_parameters(modules[name], generator).items():
             getattr(modules[name], local).copy_(value)
-
-
-def method_targets(model: nn.Module, method: str, layers=None, head: str | None = None) -> tuple[list[str], list[str]]:
-    """(modules to re-initialise, parameter names to freeze) for a built-in method.
-
-    ``full``: nothing; ``reinit_head``: the head (:func:`find_head`, ``head``
-    overrides); ``reinit_layers``: the modules ``layers`` names (or the first
-    ``layers`` layers); ``head_only``: every parameter outside the head is
-    frozen; ``freeze_first``: the parameters of ``layers`` are frozen.
-    """
-    if method not in METHODS:
-        raise ValueError(f"method: unknown method {method!r}; choose one of {METHODS}")
-    if method in ("reinit_layers", "freeze_first") and layers is None:
-        raise ValueError(f"layers: method {method!r} needs a count of first layers or module names")
-    if method == "reinit_head":
-        return [find_head(model, head)], []
-    if method == "reinit_layers":
-        return resolve_layers(model, layers), []
-    if method == "head_only":
-        trainable = set(parameter_names(model, [find_head(model, head)]))
-        return [], [n for n, _ in model.named_parameters() if n not in trainable]
-    if method == "freeze_first":
-        return [], parameter_names(model, resolve_layers(model, layers))
-    return [], []

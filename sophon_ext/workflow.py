@@ -148,7 +148,7 @@ def run_protect(config: Config, model: nn.Module, spec: dict | None, out: str | 
                 resume: bool = False, progress: bool = True) -> ProtectOutcome:
     """Protect a copy of ``model``; checkpoints and log under ``out/protect``, the result in
     ``out/protected.safetensors``. ``resume`` continues from ``out/protect/checkpoint``."""
-    from .engine import Sophon
+    from .engine import NON_FINITE, ProtectionFailed, Sophon
 
     started = time.perf_counter()
     original, restricted = domains or load_domains(config)
@@ -161,6 +161,10 @@ def run_protect(config: Config, model: nn.Module, spec: dict | None, out: str | 
     elif engine.comm.is_main and engine.log_path.exists():
         engine.log_path.unlink()  # a fresh run starts a fresh log
     result = engine.run()
+    if not engine._finite_model() or (result.stopped and result.stop_reason.startswith(NON_FINITE)):
+        raise ProtectionFailed(f"protect: the run diverged ({result.stop_reason}) after {result.iterations} iterations; "
+                               f"nothing was written as {out / PROTECTED_FILE}. Lower protect.alpha / protect.beta or "
+                               "keep protect.meta_clip set")
     if engine.comm.is_main:  # under torchrun every rank holds the same model; rank 0 writes it
         ckpt.save_model(out / PROTECTED_FILE, protected, spec, {"protection": _result_summary(result)})
     return ProtectOutcome(protected, result, time.perf_counter() - started)
@@ -176,6 +180,7 @@ def _result_summary(result) -> dict:
         "stop_reason": result.stop_reason,
         "rollbacks": result.rollbacks,
         "seconds": result.seconds,
+        **result.extra,
     }
 
 
@@ -186,12 +191,13 @@ def attack_grid(config: Config) -> dict:
             "attacks": [dict(a) for a in attack.attacks]}
 
 
-def check_criteria(report: dict, max_original_drop: float = 0.03, max_gap: float = 0.02, min_unprotected_lead: float = 0.02) -> dict:
-    """The issue's pass/fail checks on a demo report (metric units; direction from the report).
+def check_criteria(report: dict, max_original_drop: float = 0.03, min_unprotected_lead: float = 0.02) -> dict:
+    """The demo's pass/fail checks on a report (metric units; direction from the report).
 
     - ``original_intact``: protected within ``max_original_drop`` of unprotected on the original domain;
-    - per attack, ``gap_ok`` (at no epoch more than ``max_gap`` better than scratch) and
-      ``auc_ok`` (area under the curve no better than scratch's);
+    - per attack, ``escape``: the product's escape rule (:func:`sophon_ext.report.escapes`: final more
+      than 0.02 or area more than 0.01 better than scratch, unless both are at chance); the largest lead
+      over scratch at any epoch is reported next to it;
     - ``unprotected_above_scratch``: the unprotected model's area beats scratch's by more than
       ``min_unprotected_lead`` on average (so the attacks are meaningful).
     """
@@ -207,11 +213,12 @@ def check_criteria(report: dict, max_original_drop: float = 0.03, max_gap: float
         summary = attack["summary"]
         auc = summary["auc"]
         entry = {
-            "max_gap_vs_scratch": summary["max_gap_vs_scratch"],
-            "gap_ok": summary["max_gap_vs_scratch"] <= max_gap,
+            "escape": summary["escape"],
+            "final_protected": summary["final"]["protected"],
+            "final_scratch": summary["final"]["scratch"],
             "auc_protected": auc["protected"],
             "auc_scratch": auc["scratch"],
-            "auc_ok": sign * (auc["protected"] - auc["scratch"]) <= 0,
+            "max_gap_vs_scratch": summary["max_gap_vs_scratch"],
         }
         if "unprotected" in auc:
             entry["auc_unprotected"] = auc["unprotected"]
@@ -220,9 +227,8 @@ def check_criteria(report: dict, max_original_drop: float = 0.03, max_gap: float
     if leads:
         checks["unprotected_lead"] = sum(leads) / len(leads)
         checks["unprotected_above_scratch"] = checks["unprotected_lead"] > min_unprotected_lead
-    checks["protected_passes"] = bool(checks.get("original_intact", True)) and all(
-        e["gap_ok"] and e["auc_ok"] for e in checks["attacks"].values()
-    )
+    checks["protected_passes"] = bool(checks.get("original_intact", True)) and not any(
+        e["escape"] for e in checks["attacks"].values())
     checks["meaningful"] = bool(checks.get("unprotected_above_scratch", False))
     return checks
 
@@ -235,7 +241,7 @@ def run_demo(config: Config, out: str | Path, resume: bool = False, progress: bo
     found in ``out``.
     """
     from .attack import run_attacks
-    from .report import atomic_write_json
+    from .report import write_outputs
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,5 +274,5 @@ def run_demo(config: Config, out: str | Path, resume: bool = False, progress: bo
     report["protection"] = {**_result_summary(protected_outcome.result), "log": str(out / PROTECT_DIR / "log.jsonl")}
     report["timings"] = timings
     report["checks"] = check_criteria(report)
-    atomic_write_json(out / "report.json", report)
+    write_outputs(report, out, plots=False)  # report.json and summary.md with the protection and the check
     return report

@@ -30,6 +30,21 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "lion": ("lion", {}),
 }
 
+#: Learning-rate ranges (log-uniform) an attacker would try with each preset: wide enough to hold
+#: the rates that fine-tune well from scratch and the high ones that escape a protection trained on
+#: small steps (e.g. RMSprop 1e-2, Adagrad 1e-1). Used by attack families and StrategySampler.
+ATTACK_LR_RANGES: dict[str, tuple[float, float]] = {
+    "sgd": (1e-3, 3e-1),
+    "sgd_momentum": (1e-3, 1e-1),
+    "nesterov": (1e-3, 1e-1),
+    "adam": (1e-4, 1e-2),
+    "adamw": (1e-4, 1e-2),
+    "rmsprop": (1e-4, 1e-2),
+    "adagrad": (1e-3, 2e-1),
+    "adadelta": (1e-1, 1.0),
+    "lion": (1e-5, 1e-3),
+}
+
 
 def resolve_preset(name: str, hparams: dict | None = None) -> tuple[str, dict]:
     """(base optimizer name, merged hyperparameters) for a preset name."""

@@ -1,0 +1,137 @@
+"""The method registry: one definition, a simulated form and a real form that agree."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sophon_ext.attack import AttackSpec, prepare_attack_model
+from sophon_ext.data import ArrayDataset
+from sophon_ext.methods import (FineTuneMethod, InputChanged, get_method, method_names, register_method,
+                                renormalise_layers, standardise_inputs)
+from sophon_ext.models import SmallCNN
+from sophon_ext.simulate import simulate
+from sophon_ext.strategies import FineTuneStrategy
+from sophon_ext.tasks import ClassificationTask
+
+TASK = ClassificationTask()
+
+
+def data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ArrayDataset(torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.arange(n) % 10)
+
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    return SmallCNN(width=4, depth=3).double()
+
+
+@pytest.mark.parametrize("name", method_names(simulated=True))
+def test_simulated_start_equals_the_harness_surgery(name):
+    """For every simulated method: the trajectory's start in the simulator is the model the
+    attack harness builds for the same seed (same values, same frozen set)."""
+    net, train = model(1), data()
+    method = get_method(name)
+    seed = 1234
+    spec = AttackSpec(method=name, optimizer="adam", lr=1e-3, layers=2 if method.needs_layers else None, seed=seed)
+    real, params = prepare_attack_model(net, spec, TASK, train, train, generator=torch.Generator().manual_seed(seed))
+    inner = real.model if isinstance(real, InputChanged) else real
+    theta = {n: p.detach().clone() for n, p in net.named_parameters()}
+    reinit, frozen = method.targets(net, spec.layers)
+    start = method.simulated_start(net, theta, reinit, torch.Generator().manual_seed(seed))
+    for n, p in inner.named_parameters():
+        torch.testing.assert_close(start[n], p.detach(), rtol=0, atol=0, msg=f"{name}: {n}")
+        assert p.requires_grad == (n not in frozen), (name, n)
+    assert {id(p) for p in params} == {id(p) for p in inner.parameters() if p.requires_grad}
+    # the input change is the same on both sides
+    x = train.x[:5]
+    change = method.input_change_for(seed)
+    expected = net.__class__.forward(inner, change(x) if change else x)
+    torch.testing.assert_close(real(x), expected, rtol=0, atol=0)
+    transform = method.simulated_input_transform(seed)
+    assert (transform is None) == (change is None)
+    if transform is not None:
+        torch.testing.assert_close(transform((x,))[0], change(x), rtol=0, atol=0)
+
+
+def test_param_change_keeps_its_meta_gradient_and_renorm_scales_like_a_fresh_layer():
+    net = model(2)
+    with torch.no_grad():
+        net.features[0].weight.mul_(5.0)
+        net.features[0].bias.fill_(-3.0)
+    theta = {n: p.detach().clone().requires_grad_(True) for n, p in net.named_parameters()}
+    start = get_method("renorm").simulated_start(net, theta, [], torch.Generator())
+    assert start["features.0.bias"].abs().max() == 0
+    fresh = SmallCNN(width=4, depth=3).double()
+    for name in ("features.0.weight", "features.3.weight", "head.weight"):
+        ratio = float(start[name].detach().norm() / fresh.get_parameter(name).detach().norm())
+        assert 0.6 < ratio < 1.6, (name, ratio)
+        # the direction is kept
+        cos = torch.nn.functional.cosine_similarity(start[name].flatten(), theta[name].flatten(), dim=0)
+        assert float(cos) > 1 - 1e-12
+    # gradient flows through the change (a meta-gradient reaches theta)
+    start["features.0.weight"].sum().backward()
+    assert theta["features.0.weight"].grad is not None and theta["features.0.weight"].grad.abs().sum() > 0
+
+
+def test_standardise_inputs_per_sample():
+    x = torch.randn(7, 1, 5, 5, dtype=torch.float64) * 3 + 2
+    y = standardise_inputs(x)
+    torch.testing.assert_close(y.mean(dim=(1, 2, 3)), torch.zeros(7, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(y.std(dim=(1, 2, 3), unbiased=False), torch.ones(7, dtype=torch.float64))
+    assert torch.isfinite(standardise_inputs(torch.zeros(2, 1, 3, 3))).all()  # constant images do not divide by 0
+
+
+def test_random_reframing_is_fixed_by_its_seed_and_keeps_shapes():
+    from sophon_ext.methods import random_reframing
+
+    x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
+    a, b, c = random_reframing(1)(x), random_reframing(1)(x), random_reframing(2)(x)
+    assert a.shape == x.shape and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.isfinite(random_reframing(3)(torch.zeros(2, 1, 4, 4))).all()  # flat images
+    changes = {round(float((random_reframing(s)(x) - x).abs().mean()), 6) for s in range(20)}
+    assert len(changes) == 20  # twenty seeds, twenty different preprocessings
+
+
+def test_a_user_method_is_simulated_and_run_by_the_harness():
+    def halve_head(params, model):
+        return {"head.weight": params["head.weight"] * 0.5}
+
+    method = register_method(FineTuneMethod("test_halve_head", "head weights halved, then full", param_change=halve_head,
+                                            input_change=lambda x: x.flip(-1)), replace=True)
+    net, train = model(3), data()
+    strategies = [FineTuneStrategy("sgd", 1e-2, 8, 2, method="test_halve_head", seed=5)]
+    result = simulate(net, strategies, ((train.x,), train.y), TASK.adaptation_loss, TASK.suppression_loss,
+                      query_size=8, path="loop", return_params=True, generator=torch.Generator().manual_seed(0))
+    assert result.meta_grad["head.weight"].abs().sum() > 0
+    real, _ = prepare_attack_model(net, AttackSpec(method="test_halve_head"), TASK, train, train)
+    torch.testing.assert_close(real.model.head.weight, net.head.weight * 0.5)
+    assert method.continuable and not method.needs_head
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"name": "bad name"}, ValueError, "name: must be an identifier"),
+    ({"name": "x", "reinit": "everything"}, ValueError, "reinit: must be one of"),
+    ({"name": "x", "freeze": "most"}, ValueError, "freeze: must be one of"),
+    ({"name": "x", "param_change": 3}, TypeError, "param_change: expected a callable"),
+])
+def test_bad_method_definitions_name_the_field(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        FineTuneMethod(summary="", **kwargs)
+
+
+def test_registry_refuses_duplicates_and_unknown_names():
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(FineTuneMethod("full", "again"))
+    with pytest.raises(ValueError, match="'custom' is reserved"):
+        register_method(FineTuneMethod("custom", ""))
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        get_method("nope")
+    with pytest.raises(ValueError, match=r"returned 'nope', not a parameter"):
+        FineTuneMethod("y", "", param_change=lambda p, m: {"nope": torch.zeros(1)}).simulated_start(
+            model(), dict(model().named_parameters()), [], torch.Generator())
