@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from sophon_ext.cli import main
@@ -162,21 +163,33 @@ def test_check_criteria_uses_the_escape_rule():
     assert abs(within["attacks"]["a"]["max_gap_vs_scratch"] - 0.01) < 1e-9
     broken = check_criteria(fake_report([0.1, 0.2, 0.5], original_protected=0.9))
     assert not broken["original_intact"] and not broken["protected_passes"]
+    report = fake_report([0.1, 0.2, 0.5], original_protected=0.889)
+    report["original_domain"]["unprotected"] = 0.919  # 3.0 points, 0.030000000000000027 in floats
+    assert 0.919 - 0.889 > 0.03 and check_criteria(report)["original_intact"]
 
 
 def test_escape_rule_margins_and_ties_at_chance():
-    from sophon_ext.report import escapes
+    from sophon_ext.data import ArrayDataset
+    from sophon_ext.report import Chance, chance_level, escapes
+    from sophon_ext.tasks import ClassificationTask
 
+    chance = Chance(0.1, 0.02)
     scratch = [0.1, 0.1, 0.1]
     near_chance = [0.1, 0.12, 0.12]  # final +0.02 (not more), area +0.015: ahead by area
     assert escapes(near_chance, scratch, True)
-    assert not escapes(near_chance, scratch, True, chance=0.1)  # a tie at chance is not an escape
-    assert escapes([0.1, 0.2, 0.2], scratch, True, chance=0.1)  # clearly above chance
+    assert not escapes(near_chance, scratch, True, chance=chance)  # a tie at chance is not an escape
+    assert escapes([0.1, 0.2, 0.2], scratch, True, chance=chance)  # clearly above chance
+    assert escapes([0.1, 0.1, 0.13], scratch, True, chance=chance)  # outside this band
+    assert not escapes([0.1, 0.1, 0.13], scratch, True, chance=Chance(0.1, 0.0317))  # inside a wider one
     assert not escapes([0.1, 0.1, 0.121], [0.1, 0.1, 0.1 + 0.001], True)
-    assert escapes([0.1, 0.1, 0.13], [0.1, 0.1, 0.1], True)
     # lower is better (a loss): the protected model escapes by being lower
     assert escapes([1.0, 0.5, 0.4], [1.0, 0.6, 0.5], False) and not escapes([1.0, 0.7, 0.6], [1.0, 0.6, 0.5], False)
     assert not escapes([0.1, None, None], [0.1, 0.1, 0.1], True)  # diverged: no progress from entry 0
+    # the band: two binomial standard errors of 1/C over the test set, at least 0.02
+    small = chance_level(ClassificationTask(), ArrayDataset(torch.zeros(359, 1), torch.arange(359) % 10))
+    assert small.level == 0.1 and abs(small.band - 2 * (0.1 * 0.9 / 359) ** 0.5) < 1e-12
+    large = chance_level(ClassificationTask(), ArrayDataset(torch.zeros(100000, 1), torch.arange(100000) % 10))
+    assert large.band == 0.02
 
 
 def test_user_data_sources(tmp_path):
@@ -199,3 +212,16 @@ def test_user_data_sources(tmp_path):
         load_dataset(DatasetConfig(source="arrays", path=str(tmp_path / "missing.npz")))
     with pytest.raises(FileNotFoundError, match="not a directory"):
         load_dataset(DatasetConfig(source="image_folder", path=str(tmp_path / "nowhere")))
+
+
+def test_resume_refuses_options_that_contradict_the_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--quick", "--no-progress", "--out", str(tmp_path / "pre")]) == 0
+    weights = str(tmp_path / "pre" / "pretrained.safetensors")
+    assert main(["protect", "--quick", "--no-progress", "--weights", weights, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["protect", "--resume", "--no-progress", "--out", str(out), "--set", "protect.alpha=0.5", "--seed", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "protect.alpha" in err and "seed" in err and "--resume" in err
+    # options that agree with the checkpoint, and --iterations, are fine
+    assert main(["protect", "--resume", "--no-progress", "--out", str(out), "--seed", "0", "--iterations", "4"]) == 0

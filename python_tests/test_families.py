@@ -193,13 +193,15 @@ def test_scale_bound_holds_every_tensor_to_its_pretrained_norm(domains, pretrain
         assert float(p.detach().norm()) <= 1.05 * engine.reference_norms[name] * (1 + 1e-6), name
 
 
-def test_presets_are_valid_configs_and_demo_is_the_default():
+def test_presets_are_valid_configs():
     from sophon_ext.presets import preset_names, preset_overrides
 
     assert {"demo", "strong"} <= set(preset_names())
-    assert Config().replace(preset_overrides("demo")) == Config()
+    demo = Config().replace(preset_overrides("demo"))
+    assert demo.protect.family is None and len(demo.protect.strategies) == 6  # a fixed list
     strong = Config().replace(preset_overrides("strong"))
-    assert strong.protect.iterations > Config().protect.iterations and strong.protect.family is not None
+    assert strong.protect.iterations > demo.protect.iterations and strong.protect.family is not None
+    assert Config().protect.family is not None  # the library default: an attack family
     with pytest.raises(ConfigError, match="preset: unknown preset 'nope'"):
         preset_overrides("nope")
 
@@ -218,3 +220,15 @@ def test_lr_bins_split_each_range_into_members():
     assert sampler.member_of("sgd", "full", 1e-2) is None
     with pytest.raises(ConfigError, match="protect.strategies.lr_bins: must be >= 1"):
         family(lr_bins=0)
+
+
+def test_sophon_demo_runs_the_demo_preset_unless_told_otherwise():
+    from sophon_ext.cli import build_config, build_parser
+    from sophon_ext.presets import preset_overrides
+
+    parse = build_parser().parse_args
+    demo = Config().replace(preset_overrides("demo"))
+    assert build_config(parse(["demo"])) == demo
+    assert build_config(parse(["demo", "--preset", "strong"])).protect.family is not None
+    assert build_config(parse(["config"])) == Config()  # other commands start from the library default
+    assert build_config(parse(["demo", "--mode", "generation"])).mode == "generation"  # generation keeps its own

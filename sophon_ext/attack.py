@@ -377,6 +377,8 @@ def _attack_record(spec: AttackSpec, models: dict[str, nn.Module], keys: dict[st
     if resume and run_path is not None:
         previous = _read_json(run_path)
         if previous is not None and previous.get("keys") == keys:
+            # the curves are reused; the summary always follows the current escape rule
+            previous["summary"] = summarise_attack(previous["curves"], task.higher_is_better, chance_level(task, test))
             return previous
     curves = {}
     for name, model in models.items():

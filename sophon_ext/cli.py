@@ -79,6 +79,8 @@ def _default_config(mode: str) -> Config:
 def build_config(args: argparse.Namespace) -> Config:
     """Defaults (of ``--mode``) <- ``--preset`` <- ``--config`` <- ``--quick`` <- ``--set`` <- explicit options."""
     preset = getattr(args, "preset", None)
+    if preset is None and not getattr(args, "config", None) and (args.mode or "classification") == "classification":
+        preset = getattr(args, "default_preset", None)  # `sophon demo` runs the demo preset
     if getattr(args, "config", None):
         config = load_config(args.config)
         if args.mode is not None and args.mode != config.mode:
@@ -145,6 +147,7 @@ def _cmd_protect(args: argparse.Namespace) -> int:
         # The checkpoint carries the config; a --config given too must agree (checked by the engine).
         state, metadata = ckpt.load_checkpoint(checkpoint_dir)
         config = build_config(args) if args.config else Config.from_dict(metadata["config"])
+        _refuse_contradictions(config, args)
         if args.iterations is not None:
             config = config.replace({"protect": {"iterations": args.iterations}})
         spec = metadata.get("model_spec")
@@ -169,6 +172,47 @@ def _cmd_protect(args: argparse.Namespace) -> int:
     print(f"sophon protect: {status}; {result.iterations} iterations in {result.seconds:.1f} s; original-domain "
           f"{result.metric_name} {result.start_metric:.4f} -> {result.final_metric:.4f}; model in {out / PROTECTED_FILE}")
     return 0
+
+
+def _refuse_contradictions(saved: Config, args: argparse.Namespace) -> None:
+    """``protect --resume`` continues the checkpoint's run: options that would change its config
+    (``--set``, ``--preset``, ``--seed``, ``--device``, ``--quick``) are refused, naming each."""
+    from .config import _merge
+
+    overrides = overrides_from_sets(args.set) if args.set else {}
+    if getattr(args, "preset", None):
+        from .presets import preset_overrides
+
+        overrides = _merge(preset_overrides(args.preset), overrides)
+    if getattr(args, "quick", False):
+        overrides = _merge(QUICK_OVERRIDES, overrides)
+    for name in ("seed", "device"):
+        if getattr(args, name, None) is not None:
+            overrides[name] = getattr(args, name)
+    if not overrides:
+        return
+    wanted, have = saved.replace(overrides).to_dict(), saved.to_dict()
+    changed = [key for key in _leaf_keys(wanted) if _lookup(wanted, key) != _lookup(have, key)]
+    changed = [key for key in changed if key != "protect.iterations"]  # --iterations may extend a run
+    if changed:
+        raise ConfigError(f"--resume: continues the checkpoint's run with its own config; these options would change "
+                          f"it: {', '.join(changed)} (start a fresh run in another --out to change them)")
+
+
+def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        keys += _leaf_keys(value, path + ".") if isinstance(value, dict) and value else [path]
+    return keys
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -232,8 +276,10 @@ def _add_common(parser: argparse.ArgumentParser, config_required: bool = False) 
 
     parser.add_argument("--config", required=config_required, help="YAML or JSON config file (see `sophon config`)")
     parser.add_argument("--preset", choices=preset_names(), default=None,
-                        help="a named protection preset shipped in sophon_ext/presets (default: the built-in demo "
-                             "default; strong: the longer, stronger protection)")
+                        help="a named protection preset shipped in sophon_ext/presets: demo (what `sophon demo` runs "
+                             "by default: a fixed list of six strategies around the demo's attacks) or strong (an "
+                             "attack family, probes, a longer run); without it protect/config start from the library "
+                             "default (an attack family)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config value, e.g. --set protect.alpha=3e-3 --set task.suppression=none "
                              "(repeatable; values are YAML)")
@@ -273,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="reuse OUT/pretrained.safetensors, continue the protection checkpoint and finished attacks")
     demo.add_argument("--strict", action="store_true",
                       help="exit with 1 when the protection check fails or the unprotected model is not above scratch")
-    demo.set_defaults(handler=_cmd_demo)
+    demo.set_defaults(handler=_cmd_demo, default_preset="demo")
 
     pretrain = sub.add_parser("pretrain", help="train the config's model on the original domain",
                               description="Train the config's model from scratch on the original domain and write "

@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -64,16 +65,35 @@ ESCAPE_FINAL_MARGIN = 0.02
 ESCAPE_AREA_MARGIN = 0.01
 
 
+@dataclass(frozen=True)
+class Chance:
+    """What guessing scores (``level``, e.g. 1/C for accuracy over C classes) and how far a
+    guessing model's score spreads on the test set (``band``: two binomial standard errors of
+    ``level`` over the test samples, at least ``ESCAPE_FINAL_MARGIN``)."""
+
+    level: float
+    band: float
+
+
+def chance_level(task, data) -> Chance | None:
+    """The chance level of ``task``'s metric on ``data`` (accuracy: 1/C), or None when it has none."""
+    if task.metric_name != "accuracy" or data.num_classes <= 0 or len(data) == 0:
+        return None
+    level = 1.0 / data.num_classes
+    return Chance(level, max(ESCAPE_FINAL_MARGIN, 2.0 * math.sqrt(level * (1.0 - level) / len(data))))
+
+
 def escapes(protected: Sequence[float | None], scratch: Sequence[float | None], higher_is_better: bool,
-            chance: float | None = None) -> bool:
+            chance: Chance | None = None) -> bool:
     """The one escape rule of the product (demo check, attack grids, probes in the loop).
 
     An attack escapes when fine-tuning the protected model ends more than
     ``ESCAPE_FINAL_MARGIN`` better than training from scratch under the same
     recipe, or its area under the per-epoch curve is more than
     ``ESCAPE_AREA_MARGIN`` better. A protected curve whose final value and
-    area both stay within ``ESCAPE_FINAL_MARGIN`` of ``chance`` (e.g. 1/C for
-    C classes) is a tie at chance, not an escape.
+    area both stay within ``chance.band`` of ``chance.level`` (what a guessing
+    model scores, give or take two standard errors on the test set) is a tie
+    at chance, not an escape.
     """
     sign = 1.0 if higher_is_better else -1.0
     p, s = _filled(protected), _filled(scratch)
@@ -81,16 +101,11 @@ def escapes(protected: Sequence[float | None], scratch: Sequence[float | None], 
         sign * (area_under_curve(p) - area_under_curve(s)) > ESCAPE_AREA_MARGIN
     if not ahead or chance is None:
         return ahead
-    at_chance = all(sign * (v - chance) <= ESCAPE_FINAL_MARGIN for v in (p[-1], area_under_curve(p)))
+    at_chance = all(sign * (v - chance.level) <= chance.band for v in (p[-1], area_under_curve(p)))
     return not at_chance
 
 
-def chance_level(task, data) -> float | None:
-    """The metric a model reaches by guessing: 1/C for accuracy over C classes, None otherwise."""
-    return 1.0 / data.num_classes if task.metric_name == "accuracy" and data.num_classes > 0 else None
-
-
-def summarise_attack(curves: dict, higher_is_better: bool, chance: float | None = None) -> dict:
+def summarise_attack(curves: dict, higher_is_better: bool, chance: Chance | None = None) -> dict:
     """Summary numbers of one attack from its curves (``{start: {"metric": [...]}}``).
 
     - ``overhead_ratio``: epochs the protected model needs to reach the metric
@@ -123,6 +138,7 @@ def summarise_attack(curves: dict, higher_is_better: bool, chance: float | None 
         "overhead_ratios": overhead,
         "auc": {start: area_under_curve(c["metric"]) for start, c in curves.items()},
         "escape": escapes(curves["protected"]["metric"], curves["scratch"]["metric"], higher_is_better, chance),
+        "chance": None if chance is None else {"level": chance.level, "band": chance.band},
     }
 
 

@@ -207,7 +207,7 @@ def check_criteria(report: dict, max_original_drop: float = 0.03, min_unprotecte
     if "protected" in original and "unprotected" in original:
         drop = sign * (original["unprotected"] - original["protected"])
         checks["original_drop"] = drop
-        checks["original_intact"] = drop <= max_original_drop
+        checks["original_intact"] = drop <= max_original_drop + 1e-9  # 3.0 points is within 3 points despite rounding
     leads = []
     for attack in report["attacks"]:
         summary = attack["summary"]
