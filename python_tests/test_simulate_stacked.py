@@ -192,16 +192,27 @@ def test_untraceable_model_is_not_stackable():
         stacked_model(Branching())
 
 
-def test_convolution_choice_is_timed_once_per_shape():
+def test_convolution_choice_is_timed_once_per_shape_under_auto_and_fixed_otherwise():
+    from test_simulate import auto_choice
+
     model, data = tiny_cnn(norm="none", seed=1), pool()
-    _CONV_CHOICE.clear()
     strategies = [FineTuneStrategy("sgd", 0.1, 5, 2, seed=i) for i in range(2)]
-    simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, path="stacked")
-    chosen = dict(_CONV_CHOICE)
-    # two convolutions x (adaptation batch, query batch) shapes
-    assert len(chosen) == 4 and set(chosen.values()) <= set(_CONV_WAYS)
-    simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, path="stacked")
-    assert _CONV_CHOICE == chosen
+    _CONV_CHOICE.clear()
+    # an explicit path times nothing: a fixed rule picks the way (per trajectory for one input channel)
+    first = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, path="stacked",
+                     generator=torch.Generator().manual_seed(0))
+    assert _CONV_CHOICE == {}
+    again = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, path="stacked",
+                     generator=torch.Generator().manual_seed(0))
+    assert torch.equal(first.query_losses, again.query_losses)
+    # under "auto" each shape is timed once and cached
+    with auto_choice("stacked"):
+        simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, path="auto")
+        chosen = dict(_CONV_CHOICE)
+        # two convolutions x (adaptation batch, query batch) shapes
+        assert len(chosen) == 4 and set(chosen.values()) <= set(_CONV_WAYS)
+        simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, path="auto")
+        assert _CONV_CHOICE == chosen
 
 
 @pytest.mark.parametrize("path", ["vmap", "stacked", "loop"])

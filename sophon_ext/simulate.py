@@ -199,8 +199,10 @@ def simulate(model: nn.Module, strategies: Sequence[FineTuneStrategy], data, ada
     ``path``: "vmap" (one vmapped call per step), "stacked" (the model traced
     with torch.fx and run once per step on all trajectories with plain
     autograd, activations as (B, N, ...), convolutions grouped or per
-    trajectory, whichever times faster per shape; refuses, naming it, an op
-    it cannot keep per trajectory), "chunked" (vmap over ``chunk_size``
+    trajectory: under "auto" whichever times faster per shape, otherwise by a
+    fixed rule so a run does not depend on timings; refuses, naming it, an op
+    it cannot keep per trajectory), a variant name of "auto" (e.g.
+    "stacked_channels_last", what the protection engine settles "auto" on), "chunked" (vmap over ``chunk_size``
     trajectories at a time), "loop" (trajectory by trajectory forward/backward
     with the ordinary kernels, one batched optimizer update), "auto" (times
     vmap, stacked when the model allows it, stacked and loop with channels-last
