@@ -461,13 +461,14 @@ class Sophon:
             return None
         return max(bounds) if better > 0 else min(bounds)
 
-    def _finite_model(self) -> bool:
+    def model_is_finite(self) -> bool:
+        """Whether every floating-point parameter and buffer of the model is finite."""
         return all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values() if t.is_floating_point())
 
     def _is_good(self, metric: float) -> bool:
         # a model with a non-finite weight is broken whatever its metric says (a NaN model that
         # predicts one class can sit within max_drop of a weak start)
-        if not math.isfinite(metric) or not self._finite_model():
+        if not math.isfinite(metric) or not self.model_is_finite():
             return False
         bound = self._bound()
         if bound is None:
@@ -502,7 +503,7 @@ class Sophon:
         if not self.pc.guard.enabled or self._is_good(metric):
             self.last_good = self._snapshot()
             return
-        finite = math.isfinite(metric) and self._finite_model()
+        finite = math.isfinite(metric) and self.model_is_finite()
         # Roll back to the last good state; keep the random stream moving on.
         good = self.last_good
         self._restore(good)

@@ -161,7 +161,7 @@ def run_protect(config: Config, model: nn.Module, spec: dict | None, out: str | 
     elif engine.comm.is_main and engine.log_path.exists():
         engine.log_path.unlink()  # a fresh run starts a fresh log
     result = engine.run()
-    if not engine._finite_model() or (result.stopped and result.stop_reason.startswith(NON_FINITE)):
+    if not engine.model_is_finite() or (result.stopped and result.stop_reason.startswith(NON_FINITE)):
         raise ProtectionFailed(f"protect: the run diverged ({result.stop_reason}) after {result.iterations} iterations; "
                                f"nothing was written as {out / PROTECTED_FILE}. Lower protect.alpha / protect.beta or "
                                "keep protect.meta_clip set")
