@@ -27,7 +27,7 @@ def test_guard_rolls_back_a_nan_model_even_when_its_metric_looks_acceptable(doma
     config = small_config(iterations=4, meta_clip=None, guard={"every": 2, "max_drop": 1.0, "action": "stop"})
     engine = Sophon(clone(pretrained), original, restricted, config, simulate_fn=nan_simulate)
     result = engine.run()
-    assert result.stopped and result.stop_reason.startswith("non-finite values")
+    assert result.stopped and result.stop_reason.startswith("non-finite values") and result.diverged
     assert engine.history[0]["non_finite"] is True
     assert all(torch.isfinite(p).all() for p in engine.model.parameters())  # rolled back to the start
     for a, b in zip(engine.model.parameters(), pretrained.parameters()):

@@ -72,6 +72,11 @@ class ProtectionResult:
     rollbacks: int = 0
     extra: dict = field(default_factory=dict)
 
+    @property
+    def diverged(self) -> bool:
+        """Whether the guard stopped the run because weights or metrics became non-finite."""
+        return self.stopped and (self.stop_reason or "").startswith(NON_FINITE)
+
 
 def _as_dataset(data: DataLike, what: str) -> ArrayDataset:
     if isinstance(data, ArrayDataset):

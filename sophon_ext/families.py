@@ -124,7 +124,7 @@ class FamilySampler:
         old = self.estimates[index]
         rate = self.family.smoothing
         self.estimates[index] = escape if old is None else (1.0 - rate) * old + rate * escape
-        
+
     def boost(self, index: int, factor: float = 2.0) -> None:
         """A real probe of member ``index`` escaped: make it the worst member by ``factor``."""
         known = [e for e in self.estimates if e is not None] or [1.0]

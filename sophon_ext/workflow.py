@@ -148,7 +148,7 @@ def run_protect(config: Config, model: nn.Module, spec: dict | None, out: str | 
                 resume: bool = False, progress: bool = True) -> ProtectOutcome:
     """Protect a copy of ``model``; checkpoints and log under ``out/protect``, the result in
     ``out/protected.safetensors``. ``resume`` continues from ``out/protect/checkpoint``."""
-    from .engine import NON_FINITE, ProtectionFailed, Sophon
+    from .engine import ProtectionFailed, Sophon
 
     started = time.perf_counter()
     original, restricted = domains or load_domains(config)
@@ -161,7 +161,7 @@ def run_protect(config: Config, model: nn.Module, spec: dict | None, out: str | 
     elif engine.comm.is_main and engine.log_path.exists():
         engine.log_path.unlink()  # a fresh run starts a fresh log
     result = engine.run()
-    if not engine.model_is_finite() or (result.stopped and result.stop_reason.startswith(NON_FINITE)):
+    if not engine.model_is_finite() or result.diverged:
         raise ProtectionFailed(f"protect: the run diverged ({result.stop_reason}) after {result.iterations} iterations; "
                                f"nothing was written as {out / PROTECTED_FILE}. Lower protect.alpha / protect.beta or "
                                "keep protect.meta_clip set")
