@@ -52,6 +52,7 @@ enum Rule : int {
   kRuleBeta1,
   kRuleBeta2,
   kRuleEps,
+  kRuleStep,
   kNumRules
 };
 
@@ -67,7 +68,9 @@ C10_HOST_DEVICE inline int fill_row(Kind kind, bool nesterov, bool sgd_buffers, 
   auto rule = [&broken](bool ok, Rule r) {
     if (!ok) broken |= 1 << r;
   };
-  rule(x.lr >= 0, kRuleLr);
+  // finite: inf - inf and NaN are NaN; a non-finite rate or update count writes NaN/inf
+  rule(x.lr >= 0 && x.lr - x.lr == 0, kRuleLr);
+  rule(x.step >= 0 && x.step - x.step == 0, kRuleStep);
   rule(x.weight_decay >= 0, kRuleWeightDecay);
   if (kind == Kind::Sgd) {
     rule(x.momentum >= 0, kRuleMomentum);
@@ -111,8 +114,8 @@ Kind check_arguments(const at::Tensor& params, const at::Tensor& grads, const at
                      std::string_view kind, bool nesterov);
 
 // Throws the ValueError for the first broken rule. `masks`: one int32 per
-// trajectory (CPU); `hparams` in the schema's order (lr ... eps).
-[[noreturn]] void throw_broken_rule(const at::Tensor& masks, const at::Tensor* hparams[7]);
+// trajectory (CPU); `step` and `hparams` (in the schema's order, lr ... eps) as given.
+[[noreturn]] void throw_broken_rule(const at::Tensor& masks, const at::Tensor& step, const at::Tensor* hparams[7]);
 
 // --- element rules, for T a scalar or an at::vec::Vectorized; `Ops` supplies sqrt and sign ---
 

@@ -462,3 +462,24 @@ def test_unknown_attack_field_is_a_clear_error():
         expand_grid({"attacks": [{"method": "full", "learning_rate": 0.1}]})
     with pytest.raises(TypeError, match="grid attacks"):
         expand_grid({"attacks": [3]})
+
+
+def test_lora_fields_of_an_attack_spec():
+    specs = expand_grid({"attacks": [{"method": "lora", "rank": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+                                     {"method": "lora", "target_modules": "attn.*"}],
+                         "optimizers": ["adam"], "lrs": [1e-3], "epochs": [1]})
+    lora = [s for s in specs if s.method == "lora"]
+    assert [s.name.split("-")[7:10] for s in lora[:1]] == [["r8", "a16", "Tq_proj+v_proj"]]
+    assert lora[0].lora_alpha == 16.0 and lora[1].target_modules == "attn.*"
+    # at their defaults the lora-only fields stay out of the record (and so of run keys and reports)
+    assert set(AttackSpec().to_dict()) == {"method", "optimizer", "lr", "batch_size", "epochs", "weight_decay",
+                                           "schedule", "layers", "rank", "seed", "hparams"}
+    assert lora[0].to_dict()["target_modules"] == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match="target_modules: only the lora method reads them, got method 'full'"):
+        AttackSpec(method="full", target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="adapter: unknown LoRA adapter 'loralib'"):
+        AttackSpec(method="lora", adapter="loralib")
+    with pytest.raises(ValueError, match="lora_alpha: must be a positive number"):
+        AttackSpec(method="lora", lora_alpha=0)
+    with pytest.raises(TypeError, match="target_modules: expected a non-empty list"):
+        AttackSpec(method="lora", target_modules=[])

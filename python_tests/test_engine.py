@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -232,8 +233,10 @@ def test_bad_input_is_named(domains, pretrained):
         Sophon(clone(pretrained), original, empty, config)
     with pytest.raises(ValueError, match=r"model: a classifier must return logits of shape \(N, C\)"):
         Sophon(NotAClassifier(), original, restricted, config)
-    with pytest.raises(ValueError, match="model: is on meta but config.device is cpu"):
-        Sophon(clone(pretrained).to("meta"), original, restricted, config)
+    with pytest.raises(ValueError, match="model: is on meta but device is cpu"):
+        Sophon(clone(pretrained).to("meta"), original, restricted, config, device="cpu")
+    with pytest.raises(ValueError, match="model: is on cpu but config.device is meta"):
+        Sophon(clone(pretrained), original, restricted, config.replace({"device": "meta"}))
     with pytest.raises(TypeError, match="original: expected an ArrayDataset"):
         Sophon(clone(pretrained), "mnist", restricted, config)
     with pytest.raises(TypeError, match="model: expected an nn.Module"):
@@ -268,3 +271,42 @@ def test_alpha_warms_up_linearly_and_the_guard_scales_it(domains, pretrained):
     assert engine.step()["alpha"] == pytest.approx(5e-3)
     with pytest.raises(Exception, match="protect.alpha_warmup"):
         small_config(alpha_warmup=-1)
+
+
+def test_device_follows_the_model_unless_given_and_progress_follows_the_terminal(domains, pretrained, monkeypatch):
+    from sophon_ext.engine import resolve_device, show_progress
+
+    meta = clone(pretrained).to("meta")
+    assert resolve_device(meta, None) == torch.device("meta")  # config.device's default does not move it
+    assert resolve_device(meta, "meta", "cpu") == torch.device("meta")
+    with pytest.raises(ValueError, match="model: is on meta but device is cpu"):
+        resolve_device(meta, "cpu")
+    original, restricted = domains
+    assert Sophon(clone(pretrained), original, restricted, small_config(iterations=1)).device == torch.device("cpu")
+
+    class Stream:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    monkeypatch.setattr("sys.stderr", Stream(True))
+    assert show_progress(None) is True and show_progress(False) is False
+    assert Sophon(clone(pretrained), original, restricted, small_config(iterations=1)).progress is True
+    monkeypatch.setattr("sys.stderr", Stream(False))
+    assert show_progress(None) is False and show_progress(True) is True
+    assert Sophon(clone(pretrained), original, restricted, small_config(iterations=1)).progress is False
+
+
+def test_a_checkpoint_config_written_before_a_key_existed_compares_equal(tmp_path):
+    from sophon_ext.engine import _normalised_config
+
+    current = Config().to_dict()
+    older = copy.deepcopy(current)
+    del older["model"]["output_key"]  # a key added after the checkpoint was written
+    assert older != current
+    assert _normalised_config(older, tmp_path) == current
+    older["protect"]["alpha"] = "not a number"
+    with pytest.raises(CheckpointError, match="protect.alpha"):
+        _normalised_config(older, tmp_path)

@@ -131,3 +131,15 @@ def test_library_built_for_another_torch_is_not_loaded(tmp_path):
     assert child["info"]["cpu"] is False and "rebuild" in child["info"]["error"]
     assert len(child["warnings"]) == 1
     assert torch.isfinite(child["results"]["fused/torch.float64"]).all()
+
+
+def test_every_ops_python_schema_equals_the_registered_one():
+    import sophon_ext.functional  # noqa: F401  (defines the loss ops)
+    import sophon_ext.optim.fused  # noqa: F401  (defines multi_step_update_)
+    from sophon_ext import _ops
+
+    assert set(_ops.PYTHON_SCHEMAS) >= {"suppression_loss", "suppression_loss_backward", "multi_step_update_"}
+    # registered = the compiled library's schema (csrc/ops.cpp) when it is loaded
+    assert {name: _ops.schema_mismatch(name) for name in _ops.PYTHON_SCHEMAS} == dict.fromkeys(_ops.PYTHON_SCHEMAS)
+    schema = _ops.PYTHON_SCHEMAS["suppression_loss"]
+    assert _ops.schema_mismatch("suppression_loss", schema.replace("int ignore_index", "float ignore_index")) is not None

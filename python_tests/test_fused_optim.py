@@ -192,6 +192,32 @@ def test_stacked_params_and_functional_state_round_trip():
     torch.testing.assert_close(fused.functional_state(), state, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("preset", ["nesterov", "adamw", "lion"])
+def test_state_dict_round_trip_continues_identically(preset):
+    gen = torch.Generator().manual_seed(5)
+    params = {"w": torch.randn(3, 2, 5, generator=gen, dtype=torch.float64), "b": torch.randn(3, 5, generator=gen, dtype=torch.float64)}
+    grads = [{k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in params.items()} for _ in range(6)]
+    rows = [{"lr": 0.01 * (i + 1), "weight_decay": 0.1 * i} for i in range(3)]
+    straight = FusedMultiTrajectoryOptimizer({k: v.clone() for k, v in params.items()}, preset, rows)
+    first = FusedMultiTrajectoryOptimizer({k: v.clone() for k, v in params.items()}, preset, rows)
+    for g in grads[:3]:
+        straight.step(g)
+        first.step(g)
+    saved = copy.deepcopy(first.state_dict())
+    resumed = FusedMultiTrajectoryOptimizer({k: v.clone() for k, v in first.params.items()}, preset)  # default hparams
+    resumed.load_state_dict(saved)
+    for g in grads[3:]:
+        straight.step(g)
+        resumed.step(g)
+    for k in params:
+        torch.testing.assert_close(resumed.params[k], straight.params[k], rtol=0, atol=0)
+    torch.testing.assert_close(resumed.functional_state(), straight.functional_state(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="kind"):
+        FusedMultiTrajectoryOptimizer(params, "adam" if preset != "adamw" else "sgd").load_state_dict(saved)
+    with pytest.raises(ValueError, match="does not fit"):
+        FusedMultiTrajectoryOptimizer({"w": params["w"]}, preset).load_state_dict(saved)
+
+
 def test_given_buffers_are_updated_in_place():
     # rows 1..2 of a larger (3, P) buffer: the optimizer works on them without copying
     flat, flat_grads = torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
@@ -225,7 +251,7 @@ def _op_args(kind="adam", n=2, size=5, dtype=torch.float32, **override):
             "adam",
             {"lr": torch.tensor([0.1, -0.5], dtype=torch.float64)},
             ValueError,
-            r"lr must be >= 0 for every trajectory, got -0.5 at trajectory 1",
+            r"lr must be finite and >= 0 for every trajectory, got -0.5 at trajectory 1",
         ),
         ("adam", {"beta2": torch.tensor([0.9, 1.0], dtype=torch.float64)}, ValueError, r"beta2 must be in \[0, 1\)"),
         ("adam", {"grads": torch.zeros(2, 4)}, ValueError, r"grads must have the shape of params \[2, 5\], got \[2,"),
@@ -384,7 +410,7 @@ def test_cuda_op_matches_cpu_op(kind, nesterov, dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_op_rejects_bad_values_and_devices():
     args = [t.cuda() for t in _op_args("adam", lr=torch.tensor([0.1, -0.5], dtype=torch.float64))]
-    with pytest.raises(ValueError, match="lr must be >= 0 for every trajectory, got -0.5 at trajectory 1"):
+    with pytest.raises(ValueError, match="lr must be finite and >= 0 for every trajectory, got -0.5 at trajectory 1"):
         multi_step_update_op(*args, "adam", False)
     args = [t.cuda() for t in _op_args("adam")]
     args[1] = args[1].cpu()

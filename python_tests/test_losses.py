@@ -475,7 +475,7 @@ def test_ignore_index_must_be_an_int(bad):
         lambda: SN.InverseCrossEntropyLoss(ignore_index=bad),
         lambda: SN.InverseCrossEntropyReferenceLoss(weight, ignore_index=bad),
         lambda: SN.KLUniformLoss(ignore_index=bad),
-        lambda: SN.SuppressionLoss(0.5, 1.0, ignore_index=bad),
+        lambda: SN.SuppressionLoss(ice_weight=0.5, klu_weight=1.0, ignore_index=bad),
     ]
     for call in calls:
         with pytest.raises(TypeError, match=r"ignore_index: must be an int"):
@@ -662,8 +662,10 @@ def test_bad_logits_and_target():
         SF.inverse_cross_entropy(torch.randn(4, 1), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="C >= 2"):
         SF.kl_uniform(torch.randn(4, 1))
-    with pytest.raises(TypeError, match="target"):
+    with pytest.raises(ValueError, match="probability targets"):  # a float target means probabilities
         SF.inverse_cross_entropy(logits, target.double())
+    with pytest.raises(TypeError, match="target"):  # the reference-code variant takes indices only
+        SF.inverse_cross_entropy_reference(logits, target.double())
     with pytest.raises(TypeError, match="target"):
         SF.inverse_cross_entropy(logits, target.bool())
     with pytest.raises(TypeError, match="target"):
@@ -732,6 +734,193 @@ def test_raw_ops_check_their_arguments():
         ops.inverse_cross_entropy_reference_backward(g[:3], logits, target, ref_stats, -100)
 
 
+# --------------------------------------------------------------------------- probability targets and label smoothing
+# Definitions: F.cross_entropy's conventions with the per-class term -log(1 - p_j) in place of -log p_j;
+# KLU is label-free (its element weight is the target's class weight).
+
+
+def soft_reference(kind, logits, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                   per_class=None):
+    """float64 loss for index or probability targets: sum_j w_j q_j term_j with smoothed targets q."""
+    z = logits.double()
+    c = z.shape[0] if z.dim() == 1 else z.shape[1]
+    rows = z[None] if z.dim() == 1 else z.movedim(1, -1).reshape(-1, c)
+    if per_class is None:  # -log(1 - p_j) = logsumexp(z) - logsumexp of the other logits
+        eye = torch.eye(c, dtype=torch.bool)
+        term = torch.stack([rows.logsumexp(1) - rows.masked_fill(eye[j], float("-inf")).logsumexp(1) for j in range(c)], 1)
+    else:
+        term = per_class(rows)
+    klu = -math.log(c) - torch.log_softmax(rows, 1).mean(1)
+    w = torch.ones(c, dtype=torch.float64) if weight is None else weight.double()
+    if target.is_floating_point():
+        q = target.double()[None] if target.dim() == 1 else target.double().movedim(1, -1).reshape(-1, c)
+        valid, element_weight = torch.ones(rows.shape[0], dtype=torch.bool), (q * w).sum(1)
+        denominator = torch.tensor(float(rows.shape[0]), dtype=torch.float64)
+    else:
+        y = target.reshape(-1)
+        valid = y != ignore_index
+        q = F.one_hot(torch.where(valid, y, 0), c).double()
+        element_weight = torch.where(valid, w[torch.where(valid, y, 0)], 0)
+        denominator = element_weight.sum()
+    smoothed = (1 - label_smoothing) * q + label_smoothing / c
+    ice = (w * smoothed * term).sum(1)
+    values = {"ice": ice, "klu": element_weight * klu, "fused": 0.7 * ice + 1.3 * element_weight * klu}[kind]
+    values = torch.where(valid, values, 0)
+    if reduction == "sum":
+        return values.sum()
+    if reduction == "mean":
+        return values.sum() / denominator
+    return values.reshape(z.shape[:1] + z.shape[2:]) if z.dim() > 1 else values.reshape(())
+
+
+def call_soft(kind, logits, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    if kind == "ice":
+        return SF.inverse_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing)
+    if kind == "klu":
+        return SF.kl_uniform(logits, target, weight, ignore_index, reduction)
+    return SF.suppression_loss(logits, target, 0.7, 1.3, weight, ignore_index, reduction, label_smoothing)
+
+
+def probability_target(logits: Tensor, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    class_dim = 0 if logits.dim() == 1 else 1
+    return torch.softmax(torch.randn(logits.shape, generator=gen, dtype=torch.float64) * 2, class_dim).to(logits.dtype)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("target_kind", ["index", "probabilities"])
+def test_soft_reference_follows_cross_entropys_convention(target_kind, reduction):
+    """With -log p_j as the per-class term, the reference is F.cross_entropy (weights, smoothing, ignore_index)."""
+    logits, target, weight = random_inputs((7, 5, 3), seed=30, ignore_index=2, ignore_fraction=0.3)
+    ignore_index = 2  # F.cross_entropy refuses a non-default ignore_index with probability targets
+    if target_kind == "probabilities":
+        target, ignore_index = probability_target(logits, seed=31), -100
+    expected = F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=0.2)
+    actual = soft_reference(
+        "ice", logits, target, weight, ignore_index, reduction, 0.2, per_class=lambda z: -torch.log_softmax(z, 1)
+    )
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+# (loss, target kind, label smoothing); kl_uniform has no label_smoothing (KLU is label-free)
+SOFT_CASES = [
+    (kind, target_kind, smoothing)
+    for kind in ("ice", "klu", "fused")
+    for target_kind, smoothing in (("index", 0.25), ("probabilities", 0.0), ("probabilities", 0.1))
+    if not (kind == "klu" and smoothing)
+]
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("shape", [(6, 4), (3, 4, 5), (4,)], ids=str)
+@pytest.mark.parametrize("kind,target_kind,smoothing", SOFT_CASES)
+def test_probability_targets_and_label_smoothing_match_reference(kind, target_kind, smoothing, shape, reduction):
+    logits, target, weight = random_inputs(shape, seed=32, ignore_index=1, ignore_fraction=0.3 if len(shape) > 1 else 0)
+    ignore_index = 1
+    if target_kind == "probabilities":
+        target, ignore_index = probability_target(logits, seed=33), -100
+    for w in (None, weight):
+        actual, grad = loss_and_grad(lambda x: call_soft(kind, x, target, w, ignore_index, reduction, smoothing), logits)
+        v = torch.randn(actual.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        expected, expected_grad = loss_and_grad(
+            lambda x: soft_reference(kind, x, target, w, ignore_index, reduction, smoothing), logits, v
+        )
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_probability_targets_stay_close_to_float64():
+    logits, _, weight = random_inputs((64, 10), seed=34)
+    target = probability_target(logits, seed=35)
+    actual = call_soft("fused", logits.float(), target.float(), weight.float(), label_smoothing=0.1)
+    assert actual.dtype == torch.float32
+    expected = soft_reference("fused", logits, target, weight, label_smoothing=0.1)
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_one_hot_probabilities_and_zero_smoothing_equal_the_index_kernel():
+    logits, target, _ = random_inputs((4, 6, 3), seed=36)
+    one_hot = F.one_hot(target, 6).movedim(-1, 1).double()
+    for reduction in ("none", "sum", "mean"):
+        for kind in ("ice", "klu", "fused"):
+            torch.testing.assert_close(call_soft(kind, logits, one_hot, reduction=reduction),
+                                       call_soft(kind, logits, target, reduction=reduction), rtol=1e-12, atol=1e-12)
+    # KLU is label-free: smoothing leaves a KLU-only suppression loss unchanged
+    torch.testing.assert_close(SF.suppression_loss(logits, target, 0.0, 1.0, label_smoothing=0.4), SF.kl_uniform(logits))
+
+
+def test_ice_with_soft_targets_is_exact_where_p_rounds_to_one():
+    """-log(1 - p_j) for a class with p_j == 1.0 in float64: finite and exact (a direct -log1p(-p) gives inf)."""
+    logits = torch.tensor([[0.0, 0.0, 60.0], [-5.0, 80.0, 30.0]], dtype=torch.float64, requires_grad=True)
+    target = torch.full((2, 3), 1 / 3, dtype=torch.float64)
+    loss = SF.inverse_cross_entropy(logits, target, reduction="none")
+    row1 = (60 + math.log1p(2 * math.exp(-60)) - math.log(2)) - 2 * math.log1p(-1 / (2 + math.exp(60)))
+    s2 = 1 + math.exp(-85) + math.exp(-50)
+    row2 = (80 + math.log(s2) - (30 + math.log1p(math.exp(-35)))) - math.log1p(-math.exp(-85) / s2) - math.log1p(-math.exp(-50) / s2)
+    torch.testing.assert_close(loss, torch.tensor([row1 / 3, row2 / 3], dtype=torch.float64), rtol=1e-14, atol=0)
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("kind,target_kind,smoothing", SOFT_CASES)
+def test_gradcheck_probability_targets_and_label_smoothing(kind, target_kind, smoothing):
+    logits, target, weight = random_inputs((3, 4, 2), seed=37, ignore_index=1, ignore_fraction=0.3)
+    ignore_index = 1
+    if target_kind == "probabilities":
+        target, ignore_index = probability_target(logits, seed=38), -100
+    x = logits.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: call_soft(kind, x, target, weight, ignore_index, "none", smoothing), (x,))
+    assert torch.autograd.gradgradcheck(lambda x: call_soft(kind, x, target, weight, ignore_index, "sum", smoothing), (x,))
+    if target_kind == "probabilities":  # through the targets too (kept normalised: a softmax of free values)
+        u = target.log().requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda u: call_soft(kind, logits.detach(), u.softmax(1), weight, ignore_index, "none", smoothing), (u,)
+        )
+
+
+def test_bad_label_smoothing_and_probability_targets_raise_naming_the_argument():
+    logits, target, _ = random_inputs((4, 3), seed=39)
+    probs = probability_target(logits, seed=40)
+    for bad in (-0.1, 1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            SF.inverse_cross_entropy(logits, target, label_smoothing=bad)
+        with pytest.raises(ValueError, match="label_smoothing"):
+            SN.SuppressionLoss(label_smoothing=bad)
+    with pytest.raises(TypeError, match="label_smoothing"):
+        SF.suppression_loss(logits, target, label_smoothing="0.1")
+    with pytest.raises(ValueError, match="target.*shape"):
+        SF.inverse_cross_entropy(logits, probs[:, :2])
+    with pytest.raises(ValueError, match="target.*>= 0"):
+        SF.suppression_loss(logits, probs * 2 - probs.roll(1, 1))  # sums to 1, one entry negative
+    with pytest.raises(ValueError, match="target.*sum to 1"):
+        SF.kl_uniform(logits, probs * 0.5)
+    with pytest.raises(ValueError, match="target.*sum to 1"):
+        SN.InverseCrossEntropyLoss(label_smoothing=0.1)(logits, probs + 0.01)
+
+
+def test_modules_take_the_class_weight_first_like_cross_entropy_loss():
+    logits, target, weight = random_inputs((6, 4), seed=41, ignore_index=0, ignore_fraction=0.3)
+    probs = probability_target(logits, seed=42)
+    torch.testing.assert_close(SN.SuppressionLoss(weight)(logits, target), SF.suppression_loss(logits, target, weight=weight))
+    torch.testing.assert_close(SN.SuppressionLoss(weight=weight)(logits, target), SF.suppression_loss(logits, target, weight=weight))
+    torch.testing.assert_close(SN.InverseCrossEntropyLoss(weight)(logits, target), SF.inverse_cross_entropy(logits, target, weight))
+    torch.testing.assert_close(SN.KLUniformLoss(weight)(logits, target), SF.kl_uniform(logits, target, weight))
+    # positional order as nn.CrossEntropyLoss(weight, ..., ignore_index, ..., reduction, label_smoothing)
+    module = SN.SuppressionLoss(weight, 0, "sum", 0.2, ice_weight=0.5, klu_weight=2.0)
+    torch.testing.assert_close(module(logits, target), SF.suppression_loss(logits, target, 0.5, 2.0, weight, 0, "sum", 0.2))
+    with pytest.raises(ValueError, match="ignore_index"):  # as F.cross_entropy: not with probability targets
+        module(logits, probs)
+    module = SN.SuppressionLoss(weight, reduction="sum", label_smoothing=0.2, ice_weight=0.5, klu_weight=2.0)
+    torch.testing.assert_close(module(logits, probs), SF.suppression_loss(logits, probs, 0.5, 2.0, weight, -100, "sum", 0.2))
+    smoothed = SN.InverseCrossEntropyLoss(weight, label_smoothing=0.3)
+    torch.testing.assert_close(smoothed(logits, target), soft_reference("ice", logits, target, weight, label_smoothing=0.3))
+    assert "label_smoothing=0.3" in repr(smoothed)
+    with pytest.raises(TypeError, match="weight.*keyword"):
+        SN.SuppressionLoss(0.5)  # the old positional ice_weight
+    with pytest.raises(TypeError):
+        SN.SuppressionLoss(None, -100, "mean", 0.0, 0.5)  # ice_weight is keyword-only
+
+
 # --------------------------------------------------------------------------- modules and generation losses
 
 
@@ -741,7 +930,7 @@ def test_modules_match_functions():
         (SN.InverseCrossEntropyLoss(weight, 0, "sum"), SF.inverse_cross_entropy(logits, target, weight, 0, "sum")),
         (SN.InverseCrossEntropyReferenceLoss(weight, 0), SF.inverse_cross_entropy_reference(logits, target, weight, 0)),
         (SN.KLUniformLoss(weight, 0, "none"), SF.kl_uniform(logits, target, weight, 0, "none")),
-        (SN.SuppressionLoss(0.5, 3.0, weight, 0), SF.suppression_loss(logits, target, 0.5, 3.0, weight, 0)),
+        (SN.SuppressionLoss(weight, 0, ice_weight=0.5, klu_weight=3.0), SF.suppression_loss(logits, target, 0.5, 3.0, weight, 0)),
     ]
     for module, expected in pairs:
         torch.testing.assert_close(module(logits, target), expected)

@@ -4,7 +4,7 @@ from ._ops import extension_info
 # Importing these registers the ops' fake kernels, autograd and fallbacks.
 from . import functional, nn, optim  # noqa: E402  (isort: skip)
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 __all__ = ["extension_info", "functional", "nn", "optim", "__version__"]
 

@@ -23,6 +23,7 @@ import copy
 import hashlib
 import itertools
 import json
+import re
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -30,9 +31,10 @@ import torch
 from torch import nn
 
 from . import distributed, surgery
-from .data import ArrayDataset
+from .data import ArrayDataset, MapDataset, as_dataset
 from .diagnostics import compare_models
-from .finetune import ATTACK_METHODS, SCHEDULES, AttackSpec, as_dataset, fine_tune, prepare_attack_model
+from .errors import UserInputError, UserInputTypeError, describe, is_user_error
+from .finetune import ATTACK_METHODS, SCHEDULES, AttackSpec, fine_tune, prepare_attack_model
 from .optim.presets import PRESETS
 from .report import atomic_write_json, build_report, chance_level, summarise_attack, write_outputs
 
@@ -41,6 +43,14 @@ __all__ = [
     "fine_tune", "prepare_attack_model", "state_fingerprint", "default_scratch_factory",
     "add_attack_arguments", "run_attack_cli",
 ]
+
+class GridError(UserInputError):
+    """An attack grid (preset, keys, attack fields) is wrong; the message names the key."""
+
+
+class GridTypeError(GridError, UserInputTypeError):
+    """An attack grid entry has the wrong type."""
+
 
 #: Named grids. "paper" is the reference attack of SOPHON's evaluation protocol.
 GRID_PRESETS: dict[str, dict] = {
@@ -66,6 +76,10 @@ _SINGULAR = {"method": "methods", "optimizer": "optimizers", "lr": "lrs", "batch
              "weight_decay": "weight_decays", "schedule": "schedules", "seed": "seeds", "rank": "ranks"}
 # keys applied unchanged to every attack of the grid
 _SHARED_KEYS = ("layers", "hparams")
+#: samples of each domain the diagnostics read (what compare_models reads of data in tensors)
+DIAGNOSTIC_SAMPLES = 1024
+#: real images a generation inspection compares samples with, for data read on demand
+INSPECTION_REFERENCE = 2048
 
 
 def expand_grid(config: dict | str) -> list[AttackSpec]:
@@ -88,12 +102,12 @@ def expand_grid(config: dict | str) -> list[AttackSpec]:
     if isinstance(config, str):
         config = {"preset": config}
     if not isinstance(config, dict):
-        raise TypeError(f"grid: expected a preset name or a dict, got {type(config).__name__}")
+        raise GridTypeError(f"grid: expected a preset name or a dict, got {type(config).__name__}")
     merged: dict = {}
     if "preset" in config:
         name = config["preset"]
         if name not in GRID_PRESETS:
-            raise ValueError(f"grid preset: unknown preset {name!r}; choose one of {sorted(GRID_PRESETS)}")
+            raise GridError(f"grid preset: unknown preset {name!r}; choose one of {sorted(GRID_PRESETS)}")
         merged.update(copy.deepcopy(GRID_PRESETS[name]))
     for key, value in config.items():
         if key == "preset":
@@ -101,22 +115,22 @@ def expand_grid(config: dict | str) -> list[AttackSpec]:
         key = _SINGULAR.get(key, key)
         if key not in _GRID_KEYS and key not in _SHARED_KEYS and key != "attacks":
             known = sorted([*_GRID_KEYS, *_SINGULAR, *_SHARED_KEYS, "attacks", "preset"])
-            raise ValueError(f"grid: unknown key {key!r}; known keys: {known}")
+            raise GridError(f"grid: unknown key {key!r}; known keys: {known}")
         merged[key] = value
     lr_table = merged.pop("lrs", None) if isinstance(merged.get("lrs"), dict) else None
     if lr_table is not None:
         lr_table = {opt: (v if isinstance(v, (list, tuple)) else [v]) for opt, v in lr_table.items()}
         for opt, values in lr_table.items():
             if opt not in PRESETS:
-                raise ValueError(f"grid lrs: unknown optimizer {opt!r}; choose among {sorted(PRESETS)}")
+                raise GridError(f"grid lrs: unknown optimizer {opt!r}; choose among {sorted(PRESETS)}")
             if not values:
-                raise ValueError(f"grid lrs: no learning rate for {opt!r}")
+                raise GridError(f"grid lrs: no learning rate for {opt!r}")
     axes = {}
     for key, field_name in _GRID_KEYS.items():
         if key in merged:
             values = merged[key] if isinstance(merged[key], (list, tuple)) else [merged[key]]
             if not values:
-                raise ValueError(f"grid: {key} is empty")
+                raise GridError(f"grid: {key} is empty")
             axes[field_name] = list(values)
     shared = {k: merged[k] for k in _SHARED_KEYS if k in merged}
 
@@ -127,41 +141,56 @@ def expand_grid(config: dict | str) -> list[AttackSpec]:
         for combo in itertools.product(*(axes[n] for n in free)):
             fields = {**copy.deepcopy(shared), **dict(zip(free, combo)), **fixed}
             if lr_table is None or "lr" in fixed:
-                out.append(AttackSpec(**fields))
+                out.append(_attack_spec(fields))
                 continue
             optimizer = fields.get("optimizer", AttackSpec.optimizer)
             if optimizer not in lr_table:
-                raise ValueError(f"grid lrs: no learning rates for optimizer {optimizer!r} (lrs lists {sorted(lr_table)})")
-            out += [AttackSpec(**fields, lr=lr) for lr in lr_table[optimizer]]
+                raise GridError(f"grid lrs: no learning rates for optimizer {optimizer!r} (lrs lists {sorted(lr_table)})")
+            out += [_attack_spec({**fields, "lr": lr}) for lr in lr_table[optimizer]]
         return out
 
     specs: list[AttackSpec] = []
     # a grid is spanned unless the config only lists explicit attacks (then the axes span those)
     if "method" in axes or "optimizer" in axes or "attacks" not in merged:
         specs += span({})
+    if not isinstance(merged.get("attacks", []), (list, tuple)):
+        raise GridError(f"grid attacks: expected a list of attacks (dicts of attack fields or method names), "
+                         f"got {type(merged['attacks']).__name__} {merged['attacks']!r}")
     for item in merged.get("attacks", []):
         if isinstance(item, str):
             item = {"method": item}
         if not isinstance(item, dict):
-            raise TypeError(f"grid attacks: each entry must be a dict of attack fields or a method name, got {item!r}")
+            raise GridTypeError(f"grid attacks: each entry must be a dict of attack fields or a method name, got {item!r}")
         unknown = sorted(set(item) - set(AttackSpec.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"grid attacks: unknown attack fields {unknown}; known: {sorted(AttackSpec.__dataclass_fields__)}")
+            raise GridError(f"grid attacks: unknown attack fields {unknown}; known: {sorted(AttackSpec.__dataclass_fields__)}")
         # an explicit attack fixes the fields it sets; the grid's axes span the others
         specs += span(item)
     if not specs:
-        raise ValueError("grid: no attacks (give methods/optimizers, a preset, or an attacks list)")
+        raise GridError("grid: no attacks (give methods/optimizers, a preset, or an attacks list)")
     unique = {}
     for spec in specs:
         unique.setdefault(spec.name, spec)
     return list(unique.values())
 
 
+def _attack_spec(fields: dict) -> AttackSpec:
+    """``AttackSpec(**fields)``; a field the grid set wrongly is a :class:`GridError`."""
+    try:
+        return AttackSpec(**fields)
+    except UserInputError:
+        raise
+    except TypeError as exc:
+        raise GridTypeError(str(exc)) from None
+    except ValueError as exc:
+        raise GridError(str(exc)) from None
+
+
 def load_grid(source: dict | str | Path | list) -> list[AttackSpec]:
     """Attacks from a preset name, a YAML/JSON file, a grid dict or a list of :class:`AttackSpec`."""
     if isinstance(source, list) and all(isinstance(s, AttackSpec) for s in source):
         if not source:
-            raise ValueError("grid: no attacks")
+            raise GridError("grid: no attacks")
         return list({s.name: s for s in source}.values())
     if isinstance(source, AttackSpec):
         return [source]
@@ -170,13 +199,20 @@ def load_grid(source: dict | str | Path | list) -> list[AttackSpec]:
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"grid: no config file at {path}")
-        import yaml  # JSON is YAML too
-
-        data = yaml.safe_load(path.read_text())
+        data = _read_grid_file(path)
         if isinstance(data, dict) and "attack_grid" in data:
             data = data["attack_grid"]
         return expand_grid(data)
     return expand_grid(source)
+
+
+def _read_grid_file(path: Path):
+    import yaml  # JSON is YAML too
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise GridError(f"grid: cannot parse {path}: {describe(exc)}") from None
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -195,8 +231,16 @@ def state_fingerprint(model: nn.Module) -> str:
     return _hash_tensors(model.state_dict().items())
 
 
-def _data_fingerprint(train: ArrayDataset, test: ArrayDataset) -> str:
-    return _hash_tensors([("train.x", train.x), ("train.y", train.y), ("test.x", test.x), ("test.y", test.y)])
+def _data_fingerprint(train: ArrayDataset | MapDataset, test: ArrayDataset | MapDataset) -> str:
+    if isinstance(train, ArrayDataset) and isinstance(test, ArrayDataset):
+        return _hash_tensors([("train.x", train.x), ("train.y", train.y), ("test.x", test.x), ("test.y", test.y)])
+    # data read on demand is hashed as it is read, batch by batch (one pass over it)
+    def items():
+        for name, data in (("train", train), ("test", test)):
+            for i, (x, y) in enumerate(data.batches(torch.arange(len(data)), 512)):
+                yield f"{name}.{i}.x", x
+                yield f"{name}.{i}.y", y
+    return _hash_tensors(items())
 
 
 def _run_key(spec: AttackSpec, model_fp: str, data_fp: str, task, head: str | None) -> str:
@@ -236,7 +280,7 @@ def _check_same_architecture(reference: nn.Module, other: nn.Module, name: str) 
         missing = sorted(set(ref) - set(got))[:5]
         extra = sorted(set(got) - set(ref))[:5]
         shapes = [f"{k}: {ref[k]} vs {got[k]}" for k in sorted(set(ref) & set(got)) if ref[k] != got[k]][:5]
-        raise ValueError(f"{name}: architecture differs from the protected model "
+        raise UserInputError(f"{name}: architecture differs from the protected model "
                          f"(missing {missing}, unexpected {extra}, shape mismatches {shapes})")
 
 
@@ -252,16 +296,20 @@ def _read_json(path: Path):
 def run_attacks(protected: nn.Module, unprotected: nn.Module | None, scratch_factory: Callable[[], nn.Module] | None,
                 restricted_train, restricted_test, task=None, grid="quick", *, original_test=None,
                 out_dir: str | Path | None = None, resume: bool = True, shard: tuple[int, int] | None = None,
-                device: str | torch.device = "cpu", head: str | None = None, diagnostics: bool = True,
-                plots: bool = True, progress: bool = True, command: str | None = None,
+                device: str | torch.device | None = None, head: str | None = None, diagnostics: bool = True,
+                plots: bool = True, progress: bool | None = None, command: str | None = None,
                 config: dict | None = None, jobs: int = 1) -> dict:
     """Fine-tune every starting point with every attack of ``grid``; return (and write) the report.
 
     ``protected``/``unprotected``: models (``unprotected`` may be None).
     ``scratch_factory``: builds a fresh model, called with the global RNG seeded
     by the attack's seed (None: :func:`default_scratch_factory` of ``protected``).
-    ``restricted_train``/``restricted_test``/``original_test``: ArrayDataset or
-    ``(x, y)``. ``task``: a task plug-in (default classification). ``grid``: see
+    ``restricted_train``/``restricted_test``/``original_test``: anything
+    :func:`sophon_ext.data.as_dataset` accepts (ArrayDataset, ``(x, y)``, a
+    map-style Dataset or a DataLoader, the last two read batch by batch).
+    ``device``: where the attacks train (default: the protected model's device).
+    ``progress``: a progress bar (default: when stderr is a terminal).
+    ``task``: a task plug-in (default classification). ``grid``: see
     :func:`load_grid`. With ``out_dir``, per-attack results and curve caches are
     written there (resumed unless ``resume=False``), and once every attack of
     the grid has a result, report.json, curves.csv, summary.md and the plots.
@@ -273,25 +321,29 @@ def run_attacks(protected: nn.Module, unprotected: nn.Module | None, scratch_fac
     ``head`` names the classifier head when :func:`surgery.find_head` cannot.
     The report's ``complete`` is False while other shards' attacks are missing.
     """
+    from .engine import show_progress
     from .tasks import ClassificationTask
 
     task = task if task is not None else ClassificationTask()
     if not isinstance(protected, nn.Module):
         raise TypeError(f"protected: expected an nn.Module, got {type(protected).__name__}")
+    if device is None:
+        device = next((p.device for p in protected.parameters()), torch.device("cpu"))
+    progress = show_progress(progress)
     if unprotected is not None and not isinstance(unprotected, nn.Module):
         raise TypeError(f"unprotected: expected an nn.Module or None, got {type(unprotected).__name__}")
     train = as_dataset(restricted_train, "restricted_train")
     test = as_dataset(restricted_test, "restricted_test")
     original = as_dataset(original_test, "original_test") if original_test is not None else None
     if len(train) == 0 or len(test) == 0:
-        raise ValueError(f"restricted data: train and test must be non-empty, got {len(train)} and {len(test)} samples")
+        raise UserInputError(f"restricted data: train and test must be non-empty, got {len(train)} and {len(test)} samples")
     specs = load_grid(grid)
     world_rank = _check_shard(shard)
     comm = distributed.setup() if shard is None else distributed.Communicator()
     if comm.is_distributed:
         world_rank = (comm.rank, comm.world_size)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs: must be an int >= 1, got {jobs!r}")
+        raise UserInputError(f"jobs: must be an int >= 1, got {jobs!r}")
     if unprotected is not None:
         _check_same_architecture(protected, unprotected, "unprotected")
     scratch_factory = scratch_factory or default_scratch_factory(protected)
@@ -351,6 +403,8 @@ def run_attacks(protected: nn.Module, unprotected: nn.Module | None, scratch_fac
     diag = None
     if diagnostics:
         domains = {"restricted": test} if original is None else {"original": original, "restricted": test}
+        # the diagnostics read the first DIAGNOSTIC_SAMPLES samples of each domain
+        domains = {name: data.head(DIAGNOSTIC_SAMPLES) for name, data in domains.items()}
         diag = compare_models({n: copy.deepcopy(m).to(device) for n, m in starts.items()}, domains, task)
     run_config = {
         **(config or {}),
@@ -397,7 +451,7 @@ def _attack_record(spec: AttackSpec, models: dict[str, nn.Module], keys: dict[st
     return record
 
 
-def _inspection(task, test: ArrayDataset, out: Path | None, spec: AttackSpec, start: str):
+def _inspection(task, test: ArrayDataset | MapDataset, out: Path | None, spec: AttackSpec, start: str):
     """The task's optional look at each fine-tuned model, ``task.inspect_model(model, reference,
     path, seed)`` (generation: a sample grid under ``out/samples`` and a distance to the real
     restricted test images); None when the task has none."""
@@ -405,7 +459,8 @@ def _inspection(task, test: ArrayDataset, out: Path | None, spec: AttackSpec, st
     if inspect is None:
         return None
     path = out / "samples" / f"{spec.name}-{start}.png" if out is not None else None
-    return lambda model: inspect(model, test.x, path, seed=spec.seed)
+    reference = test.x if isinstance(test, ArrayDataset) else test.head(INSPECTION_REFERENCE).x
+    return lambda model: inspect(model, reference, path, seed=spec.seed)
 
 
 def _worker_init(threads: int) -> None:
@@ -432,9 +487,11 @@ def _in_processes(jobs: int, jobs_args: list[tuple], progress: bool, device) -> 
         return [f.result() for f in _progress(as_completed(futures), progress, total=len(futures))]
 
 
-def _evaluate(task, model: nn.Module, data: ArrayDataset, device) -> float:
+def _evaluate(task, model: nn.Module, data: ArrayDataset | MapDataset, device) -> float:
+    from .tasks import evaluate_dataset
+
     model = copy.deepcopy(model).to(device)
-    return task.evaluate(model, data.x.to(device), data.y.to(device))[task.metric_name]
+    return evaluate_dataset(task, model, data.to(device))[task.metric_name]
 
 
 def _check_shard(shard) -> tuple[int, int] | None:
@@ -445,7 +502,7 @@ def _check_shard(shard) -> tuple[int, int] | None:
         raise TypeError(f"shard: expected (rank, world) ints, got {shard!r}")
     rank, world = shard
     if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"shard: need world >= 1 and 0 <= rank < world, got rank={rank}, world={world}")
+        raise UserInputError(f"shard: need world >= 1 and 0 <= rank < world, got rank={rank}, world={world}")
     return rank, world
 
 
@@ -463,15 +520,21 @@ def add_attack_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     """Add the options of ``sophon attack`` to ``parser``."""
     parser.add_argument("--protected", required=True,
                         help="the protected model: a model file (sophon_ext.checkpoint.save_model), a plain "
-                             "safetensors state_dict (with --model), or a checkpoint directory")
+                             "state dict (.safetensors, or .pt/.pth read with weights_only=True; with --model), "
+                             "or a checkpoint directory")
     parser.add_argument("--unprotected", help="the unprotected pre-trained model (same forms as --protected)")
     parser.add_argument("--model", default="small_cnn",
-                        help="registry name of the architecture, for files that carry no model spec (default: small_cnn)")
+                        help="the architecture of files that carry no model spec: a registry name, "
+                             "package.module:callable, torchvision:NAME or timm:NAME (default: small_cnn)")
     parser.add_argument("--model-kwargs", default='{"width": 16, "depth": 3}', type=json.loads,
                         help="JSON keyword arguments of --model (default: '{\"width\": 16, \"depth\": 3}')")
+    parser.add_argument("--output-key", default="logits",
+                        help="where a --model given by reference keeps its logits when it returns a mapping or "
+                             "an object (default: logits)")
     parser.add_argument("--restricted", default="builtin:digits",
-                        help="restricted domain: builtin:digits, builtin:mnist, an ImageFolder directory or an .npz "
-                             "with arrays x and y (default: builtin:digits)")
+                        help="restricted domain: builtin:digits, builtin:mnist, an ImageFolder directory, an .npz "
+                             "with arrays x and y, or package.module:callable returning a Dataset, DataLoader or "
+                             "(x, y) (default: builtin:digits)")
     parser.add_argument("--original", help="original domain (same forms), for its accuracy and the diagnostics")
     parser.add_argument("--image-size", type=int, default=16, help="image side for built-in and folder data (default 16)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="held-out validation fraction, unused here (default 0.1)")
@@ -495,54 +558,61 @@ def add_attack_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
-def load_model_file(path: str | Path, model_name: str = "small_cnn", model_kwargs: dict | None = None) -> nn.Module:
-    """A model from a model file, a plain safetensors state_dict or a checkpoint directory.
+def load_model_file(path: str | Path, model_name: str = "small_cnn", model_kwargs: dict | None = None,
+                    output_key: str = "logits") -> nn.Module:
+    """A model from a model file, a plain state dict (safetensors, ``.pt`` / ``.pth``) or a checkpoint directory.
 
     The architecture comes from the file's model spec when it has one,
-    otherwise from ``model_name``/``model_kwargs``. Raises
-    :class:`sophon_ext.checkpoint.CheckpointError` (a ValueError) when the
-    weights do not fit the architecture.
+    otherwise from ``model_name`` (a registry name or a reference, see
+    :mod:`sophon_ext.models`) / ``model_kwargs`` / ``output_key``. Raises
+    :class:`sophon_ext.checkpoint.CheckpointError` (a ValueError) naming the
+    missing, unexpected and resized weights when they do not fit the architecture.
     """
-    return _load_model_and_spec(path, model_name, model_kwargs)[0]
+    return _load_model_and_spec(path, model_name, model_kwargs, output_key)[0]
 
 
-def _load_model_and_spec(path, model_name: str, model_kwargs: dict | None) -> tuple[nn.Module, dict]:
+def _load_model_and_spec(path, model_name: str, model_kwargs: dict | None,
+                         output_key: str = "logits") -> tuple[nn.Module, dict]:
     from . import checkpoint as ckpt
-    from .models import build_model
+    from .models import DEFAULT_OUTPUT_KEY, is_reference
 
     path = Path(path)
     fallback = {"name": model_name, "kwargs": model_kwargs or {}}
+    if is_reference(model_name) and output_key != DEFAULT_OUTPUT_KEY:
+        fallback["output_key"] = output_key
     if path.is_dir():
         state, metadata = ckpt.load_checkpoint(path)
         if "model" not in state:
             raise ckpt.CheckpointError(f"checkpoint: {path} holds no model state")
         spec, tensors = metadata.get("model_spec") or fallback, state["model"]
     else:
-        try:
-            tensors, spec, _ = ckpt.read_model_file(path)
-        except ckpt.CheckpointError as exc:
-            if "was not written by" not in str(exc):
-                raise
-            from safetensors.torch import load_file
-
-            tensors, spec = load_file(str(path)), None
+        tensors, spec, _ = ckpt.read_weights_file(path)
         spec = spec or fallback
-    model = build_model(spec["name"], **spec.get("kwargs", {}))
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as exc:
-        raise ckpt.CheckpointError(
-            f"model file: {path} does not fit the architecture {spec['name']}({spec.get('kwargs', {})}): {exc}") from None
+    model = ckpt.build_from_spec(spec, f"model file: {path}")
+    problems = ckpt.weight_mismatches(model.state_dict(), tensors)
+    if problems:
+        raise ckpt.CheckpointError(f"model file: {path} does not fit the architecture "
+                                   f"{spec['name']}({spec.get('kwargs', {})}): {problems}")
+    model.load_state_dict(tensors)
     return model, spec
 
 
-def load_domain(source: str, image_size: int = 16, grayscale: bool = True) -> ArrayDataset:
-    """A dataset from ``builtin:NAME``, an ImageFolder directory or an ``.npz`` with arrays x and y."""
+#: ``package.module:callable``, a Python reference to a function that returns a domain's data
+_DATA_REFERENCE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def load_domain(source: str, image_size: int = 16, grayscale: bool = True) -> ArrayDataset | MapDataset:
+    """A dataset from ``builtin:NAME``, an ImageFolder directory, an ``.npz`` with arrays x and y,
+    or ``package.module:callable``: a function called without arguments that returns anything
+    :func:`sophon_ext.data.as_dataset` accepts (a map-style Dataset or a DataLoader with its
+    transforms, read batch by batch; an ``(x, y)`` pair; an ArrayDataset)."""
     from .data import from_arrays, image_folder, load_builtin
 
     if source.startswith("builtin:"):
         return load_builtin(source.split(":", 1)[1], image_size=image_size)
     path = Path(source)
+    if not path.exists() and _DATA_REFERENCE.fullmatch(source):
+        return as_dataset(_call_reference(source), source)
     if path.is_dir():
         return image_folder(path, image_size, grayscale=grayscale)
     if path.suffix == ".npz" and path.is_file():
@@ -552,7 +622,23 @@ def load_domain(source: str, image_size: int = 16, grayscale: bool = True) -> Ar
             if "x" not in arrays or "y" not in arrays:
                 raise ValueError(f"data: {path} must hold arrays named x and y, found {sorted(arrays.files)}")
             return from_arrays(arrays["x"], arrays["y"])
-    raise ValueError(f"data: {source!r} is not builtin:<name>, an ImageFolder directory or an existing .npz file")
+    raise ValueError(f"data: {source!r} is not builtin:<name>, an ImageFolder directory, an existing .npz file "
+                     "or package.module:callable")
+
+
+def _call_reference(reference: str):
+    """Import ``package.module`` and call its ``callable`` without arguments."""
+    import importlib
+
+    module_name, _, attribute = reference.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"data: {reference!r}: cannot import module {module_name!r} ({exc}; is it on PYTHONPATH?)") from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise ValueError(f"data: {reference!r}: module {module_name!r} has no callable {attribute!r}")
+    return function()
 
 
 def _parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -561,54 +647,25 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
     try:
         rank, world = (int(v) for v in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard: expected RANK/WORLD such as 0/4, got {text!r}") from None
+        raise UserInputError(f"--shard: expected RANK/WORLD such as 0/4, got {text!r}") from None
     return _check_shard((rank, world))
 
 
 def run_attack_cli(args: argparse.Namespace) -> int:
-    """Run ``sophon attack`` from parsed arguments; returns the exit status (2 on bad input)."""
-    import shlex
+    """Run ``sophon attack`` from parsed arguments; returns the exit status: 2 with one line for
+    wrong input (:func:`sophon_ext.errors.is_user_error`); anything else is a bug and propagates."""
+    import os
     import sys
-
-    from functools import partial
-
-    from .data import domain_splits
-    from .models import build_model
-    from .tasks import make_task
+    import traceback
 
     try:
-        protected, spec = _load_model_and_spec(args.protected, args.model, args.model_kwargs)
-        unprotected = load_model_file(args.unprotected, args.model, args.model_kwargs) if args.unprotected else None
-        first = next(iter(protected.parameters()), None)
-        grayscale = first is None or first.dim() < 2 or first.shape[1] == 1
-        restricted = domain_splits(load_domain(args.restricted, args.image_size, grayscale),
-                                   val=args.val_fraction, test=args.test_fraction, seed=args.split_seed)
-        original = None
-        if args.original:
-            original = domain_splits(load_domain(args.original, args.image_size, grayscale),
-                                     val=args.val_fraction, test=args.test_fraction, seed=args.split_seed).test
-        grid: dict = {"preset": args.preset or "default"}
-        if args.config:
-            import yaml
-
-            loaded = yaml.safe_load(Path(args.config).read_text())
-            grid = loaded.get("attack_grid", loaded) if isinstance(loaded, dict) else loaded
-        if args.epochs is not None or args.seeds is not None:
-            grid = dict(grid) if isinstance(grid, dict) else {"preset": grid}
-            if args.epochs is not None:
-                grid["epochs"] = [args.epochs]
-            if args.seeds is not None:
-                grid["seeds"] = args.seeds
-        report = run_attacks(
-            protected, unprotected, partial(build_model, spec["name"], **spec.get("kwargs", {})), restricted.train, restricted.test, make_task(args.mode), grid,
-            original_test=original, out_dir=args.out, resume=args.resume, shard=_parse_shard(args.shard),
-            device=args.device, head=args.head, plots=args.plots, progress=args.progress, jobs=args.jobs,
-            command="sophon attack " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["attack"] else sys.argv[1:]),
-            config={"protected": str(args.protected), "unprotected": args.unprotected, "restricted": args.restricted,
-                    "original": args.original, "split_seed": args.split_seed, "image_size": args.image_size},
-        )
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"sophon attack: error: {exc}", file=sys.stderr)
+        report = _attack_from_args(args)
+    except Exception as exc:  # noqa: BLE001 - wrong input is reported here; bugs propagate
+        if not is_user_error(exc):
+            raise
+        if os.environ.get("SOPHON_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()  # as the sophon command does: the traceback, for bug reports
+        print(f"sophon attack: error: {describe(exc)}", file=sys.stderr)
         return 2
     if report["complete"]:
         print(f"sophon attack: {len(report['attacks'])} attacks; report in {Path(args.out) / 'report.json'}")
@@ -616,6 +673,92 @@ def run_attack_cli(args: argparse.Namespace) -> int:
         print(f"sophon attack: shard done ({len(report['attacks'])} attacks finished so far); "
               "the report is written when every shard has finished")
     return 0
+
+
+def _attack_from_args(args: argparse.Namespace) -> dict:
+    import shlex
+    import sys
+    from functools import partial
+
+    from .models import model_from_spec
+
+    output_key = getattr(args, "output_key", "logits")
+    protected, spec = _load_model_and_spec(args.protected, args.model, args.model_kwargs, output_key)
+    unprotected = (load_model_file(args.unprotected, args.model, args.model_kwargs, output_key)
+                   if args.unprotected else None)
+    first = next(iter(protected.parameters()), None)
+    grayscale = first is None or first.dim() < 2 or first.shape[1] == 1
+    restricted = _cli_domain("--restricted", args.restricted, args, grayscale)
+    original = _cli_domain("--original", args.original, args, grayscale).test if args.original else None
+    task = _cli_task(args.mode)
+    _check_model_fits(task, protected, restricted.train)
+    if args.head is not None and args.head not in dict(protected.named_modules()):
+        raise UserInputError(f"--head: {args.head!r} is not a module of the model; its modules with parameters: "
+                             f"{surgery.parametrised_layers(protected)}")
+    return run_attacks(
+        protected, unprotected, partial(model_from_spec, spec), restricted.train, restricted.test, task,
+        _cli_grid(args), original_test=original, out_dir=args.out, resume=args.resume,
+        shard=_parse_shard(args.shard), device=args.device, head=args.head, plots=args.plots,
+        progress=args.progress, jobs=args.jobs,
+        command="sophon attack " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["attack"] else sys.argv[1:]),
+        config={"protected": str(args.protected), "unprotected": args.unprotected, "restricted": args.restricted,
+                "original": args.original, "split_seed": args.split_seed, "image_size": args.image_size},
+    )
+
+
+def _cli_domain(option: str, source: str, args: argparse.Namespace, grayscale: bool):
+    """A domain named on the command line, cut into train / val / test; what is wrong with it
+    (a file, its contents, a callable's result) is wrong input naming ``option``."""
+    from .data import domain_splits
+
+    try:
+        return domain_splits(load_domain(source, args.image_size, grayscale),
+                             val=args.val_fraction, test=args.test_fraction, seed=args.split_seed)
+    except (ValueError, TypeError) as exc:
+        if is_user_error(exc):
+            raise
+        raise UserInputError(f"{option}: {describe(exc)}") from exc
+
+
+def _cli_task(mode: str):
+    from .tasks import make_task
+
+    try:
+        return make_task(mode)
+    except ValueError as exc:
+        raise UserInputError(f"--mode: {describe(exc)}") from None
+
+
+def _check_model_fits(task, model: nn.Module, train) -> None:
+    """The protected model runs on the restricted inputs and gives the task's output. Labels are
+    not checked here: a method that builds a new head sizes it to them (each attack checks its own)."""
+    from .models import ModelOutputError
+
+    sample = train.head(8)
+    try:
+        task.check_model(model, sample.x, torch.zeros_like(sample.y))
+    except ModelOutputError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise UserInputError(f"--restricted: the model cannot run on it: {describe(exc)}") from exc
+
+
+def _cli_grid(args: argparse.Namespace):
+    """The grid of ``--preset`` / ``--config``, with ``--epochs`` / ``--seeds`` applied."""
+    grid: dict = {"preset": args.preset or "default"}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config: no grid config file at {path}")
+        loaded = _read_grid_file(path)
+        grid = loaded.get("attack_grid", loaded) if isinstance(loaded, dict) else loaded
+    if args.epochs is not None or args.seeds is not None:
+        grid = dict(grid) if isinstance(grid, dict) else {"preset": grid}
+        if args.epochs is not None:
+            grid["epochs"] = [args.epochs]
+        if args.seeds is not None:
+            grid["seeds"] = args.seeds
+    return grid
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,14 @@
-"""The ``sophon`` command: ``demo | pretrain | protect | attack | config``.
+"""The ``sophon`` command: ``demo | pretrain | protect | attack | config | env``.
 
 Every run is described by one config (see :mod:`sophon_ext.config`): the
 defaults, then ``--config FILE`` (YAML/JSON), then ``--set key.path=value``
 overrides, then the explicit options (``--seed``, ``--device``, ...).
-Errors in the input (bad config values, missing or corrupt files, data that
-does not fit the model) print one line naming the problem and exit with 2
-(``SOPHON_DEBUG=1`` shows the traceback instead).
+
+Exit status: 0 done; 2 wrong input (a :class:`~sophon_ext.errors.UserInputError`
+or an unusable path: one line naming the field, option or file;
+``SOPHON_DEBUG=1`` shows the traceback instead); 1 a failed protection, a
+lost distributed peer, or a bug (then with the traceback and a request to
+report it); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from . import distributed
+from ._ops import kernel_note
 from .config import Config, ConfigError, load_config, save_config
+from .errors import describe, is_user_error
 
 # A seconds-long version of every job, for smoke tests and trying the pipeline.
 QUICK_OVERRIDES = {
@@ -35,8 +41,13 @@ EPILOG = """examples:
   sophon protect --out runs/prot --resume          continue a killed run (config read from the checkpoint)
   sophon attack --protected runs/prot/protected.safetensors --unprotected runs/pre/pretrained.safetensors
 
-Input errors print one line and exit with 2; set SOPHON_DEBUG=1 for the traceback.
+A fresh run refuses an --out holding another run's files: continue it with --resume
+or replace it with --overwrite. Input errors print one line and exit with 2 (set
+SOPHON_DEBUG=1 for the traceback); a bug exits with 1 and its traceback.
 """
+
+BUG_REPORT = ("this is a bug in sophon_ext, not in your input; please report it with the traceback above "
+              "and the command you ran")
 
 
 def _parse_value(text: str):
@@ -129,49 +140,77 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     config = build_config(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
-    outcome = run_pretrain(config, out, progress=args.progress)
+    outcome = run_pretrain(config, out, progress=args.progress, overwrite=args.overwrite)
     print(f"sophon pretrain: test {_metric_name(config)} {outcome.metric:.4f} after {config.pretrain.epochs} epochs "
           f"({outcome.seconds:.1f} s); model in {out / PRETRAINED_FILE}")
     return 0
 
 
 def _cmd_protect(args: argparse.Namespace) -> int:
-    from . import checkpoint as ckpt
-    from .workflow import PROTECT_DIR, PROTECTED_FILE, load_model_file, run_protect
+    from .workflow import (PROTECT_DIR, PROTECT_OUTPUTS, PROTECTED_FILE, check_device, claim_output_dir,
+                           load_pretrained, run_protect)
 
     out = Path(args.out)
-    checkpoint_dir = out / PROTECT_DIR / "checkpoint"
+    domains = None
     if args.resume:
-        # The checkpoint carries the config; a --config given too must agree (checked by the engine).
-        state, metadata = ckpt.load_checkpoint(checkpoint_dir)
-        config = build_config(args) if args.config else Config.from_dict(metadata["config"])
-        _refuse_contradictions(config, args)
-        if args.iterations is not None:
-            config = config.replace({"protect": {"iterations": args.iterations}})
-        spec = metadata.get("model_spec")
-        if not spec:
-            raise ckpt.CheckpointError(f"checkpoint: {checkpoint_dir} has no model spec; resume from Python with the model object")
-        from .models import build_model
-
-        model = build_model(spec["name"], **spec["kwargs"]).to(config.device)
-        model.load_state_dict(state["model"])  # replaced by the checkpoint's state again on resume
+        if args.overwrite:
+            raise ConfigError("--overwrite: contradicts --resume (one continues the run in --out, the other replaces it)")
+        config, model, spec = _resume_point(args, out / PROTECT_DIR / "checkpoint")
     else:
         config = build_config(args)
         if not config.model.weights:
             raise ConfigError("model.weights: protect needs a pre-trained model; pass --weights FILE "
                               "(sophon pretrain writes one) or set model.weights in the config")
-        model, spec = load_model_file(config.model.weights, config.device)
-    out.mkdir(parents=True, exist_ok=True)
-    if distributed.current().is_main:
-        save_config(config, out / "config.yaml")
-    outcome = run_protect(config, model, spec, out, resume=args.resume, progress=args.progress)
+        claim_output_dir(out, PROTECT_OUTPUTS, overwrite=args.overwrite)  # before loading anything
+        check_device(config.device)
+        model, spec, domains = load_pretrained(config)  # a plain state dict needs the data's shapes
+    outcome = run_protect(config, model, spec, out, domains=domains, resume=args.resume, progress=args.progress,
+                          overwrite=args.overwrite)
     result = outcome.result
     status = f"stopped: {result.stop_reason}" if result.stopped else "done"
     print(f"sophon protect: {status}; {result.iterations} iterations in {result.seconds:.1f} s; original-domain "
           f"{result.metric_name} {result.start_metric:.4f} -> {result.final_metric:.4f}; model in {out / PROTECTED_FILE}")
     return 0
+
+
+def _resume_point(args: argparse.Namespace, checkpoint_dir: Path):
+    """``(config, model, spec)`` of the run a checkpoint continues; the checkpoint carries the
+    config (a --config given too must agree; the engine checks) and the model spec."""
+    from . import checkpoint as ckpt
+    from .workflow import check_device
+
+    state, metadata = ckpt.load_checkpoint(checkpoint_dir)
+    where = f"checkpoint: {checkpoint_dir}"
+    if args.config:
+        config = build_config(args)
+    elif isinstance(metadata.get("config"), dict):
+        try:
+            config = Config.from_dict(metadata["config"])
+        except ConfigError as exc:
+            raise ckpt.CheckpointError(f"{where} holds a config this version rejects: {exc}") from None
+    else:
+        raise ckpt.CheckpointError(f"{where} has no config in its metadata; resume it from Python "
+                                   "(Sophon(model, ..., config, out_dir=...).resume())")
+    _refuse_contradictions(config, args)
+    if args.iterations is not None:
+        config = config.replace({"protect": {"iterations": args.iterations}})
+    _apply_threads(config)  # the checkpoint's run ran with these; equal results need them again
+    spec = metadata.get("model_spec")
+    if not spec:
+        raise ckpt.CheckpointError(f"{where} has no model spec; resume from Python with the model object")
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise ckpt.CheckpointError(f"{where} holds no model weights")
+    check_device(config.device)
+    model = ckpt.build_from_spec(spec, where)
+    ckpt.load_weights(model, state["model"], where)  # replaced by the checkpoint's state again on resume
+    return config, model.to(config.device), spec
+
+
+def _apply_threads(config: Config) -> None:
+    if config.threads is not None:
+        import torch
+
+        torch.set_num_threads(config.threads)
 
 
 def _refuse_contradictions(saved: Config, args: argparse.Namespace) -> None:
@@ -219,7 +258,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .workflow import run_demo
 
     config = build_config(args)
-    report = run_demo(config, args.out, resume=args.resume, progress=args.progress)
+    if args.resume and args.overwrite:
+        raise ConfigError("--overwrite: contradicts --resume (one continues the run in --out, the other replaces it)")
+    report = run_demo(config, args.out, resume=args.resume, progress=args.progress, overwrite=args.overwrite)
     print(format_demo_table(report))
     checks = report["checks"]
     if args.strict and not (checks["protected_passes"] and checks["meaningful"]):
@@ -278,8 +319,8 @@ def _add_common(parser: argparse.ArgumentParser, config_required: bool = False) 
     parser.add_argument("--preset", choices=preset_names(), default=None,
                         help="a named protection preset shipped in sophon_ext/presets: demo (what `sophon demo` runs "
                              "by default: a fixed list of six strategies around the demo's attacks) or strong (an "
-                             "attack family, probes, a longer run); without it protect/config start from the library "
-                             "default (an attack family)")
+                             "attack family, probes, a longer run) or resnet (the demo's strategies on a small BatchNorm "
+                             "ResNet); without it protect/config start from the library default (an attack family)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config value, e.g. --set protect.alpha=3e-3 --set task.suppression=none "
                              "(repeatable; values are YAML)")
@@ -290,8 +331,22 @@ def _add_common(parser: argparse.ArgumentParser, config_required: bool = False) 
 
 
 def _add_run_options(parser: argparse.ArgumentParser, default_out: str) -> None:
-    parser.add_argument("--out", default=default_out, help=f"output directory (default {default_out})")
+    parser.add_argument("--out", default=default_out, help=f"output directory (default {default_out}); a fresh run "
+                                                            "refuses one that holds another run's files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="remove the files of the earlier run in --out (only those this command writes) "
+                             "before starting a fresh run")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    import json
+
+    from .env import environment_report, format_report
+
+    report = environment_report()
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,7 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "in OUT/protect/log.jsonl and the result in OUT/protected.safetensors.")
     _add_common(protect)
     _add_run_options(protect, "runs/protect")
-    protect.add_argument("--weights", type=Path, help="the pre-trained model file (overrides model.weights)")
+    protect.add_argument("--weights", type=Path,
+                         help="the pre-trained model: a model file of sophon pretrain, or a plain state dict "
+                              "(.safetensors, or .pt/.pth read with weights_only=True) of the config's model "
+                              "(overrides model.weights)")
     protect.add_argument("--iterations", type=int, help="outer iterations (overrides protect.iterations)")
     protect.add_argument("--resume", action="store_true",
                          help="continue from OUT/protect/checkpoint with the config saved there; the result equals "
@@ -356,34 +414,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_attack_arguments(attack)
     attack.set_defaults(handler=_cmd_attack)
+
+    env = sub.add_parser("env", help="versions, compiled library, CPU and GPUs, for a bug report",
+                         description="Print sophon_ext's and torch's versions, whether the compiled library loaded "
+                                     "(and why not), the CPU's vector extensions, threads, CUDA devices and extras.")
+    env.add_argument("--json", action="store_true", help="print the report as JSON")
+    env.set_defaults(handler=_cmd_env)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sophon`` console script."""
-    from .checkpoint import CheckpointError
     from .engine import ProtectionFailed
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "env":  # reads no config; reports the compiled library itself
+        return args.handler(args)
+    if note := kernel_note():
+        print(note, file=sys.stderr)
     try:
         if args.command != "attack":
-            threads = build_config(args).threads
-            if threads is not None:
-                import torch
-
-                torch.set_num_threads(threads)
+            _apply_threads(build_config(args))
+        else:
+            _check_attack_device(args)
         if args.command in ("protect", "attack"):
             distributed.setup()  # under torchrun: join the process group before any model is loaded
         elif args.command in ("demo", "pretrain") and distributed.launched_by_torchrun():
             raise ConfigError(f"{args.command}: runs in one process; under torchrun run sophon protect and "
                               "sophon attack (see docs/SCALING.md)")
         return args.handler(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, TypeError) as exc:
-        if os.environ.get("SOPHON_DEBUG", "") not in ("", "0"):
-            raise  # the full traceback, for bug reports
-        print(f"sophon {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except ProtectionFailed as exc:
         print(f"sophon {args.command}: error: {exc}", file=sys.stderr)
         return 1
@@ -395,6 +455,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sophon {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - sorted into wrong input (2) and bugs (1) here
+        return _report_error(args.command, exc)
+
+
+def _report_error(command: str, exc: Exception) -> int:
+    """Wrong input: one line, exit 2. Anything else is a bug: the traceback, a request to report it, exit 1."""
+    if is_user_error(exc):
+        if os.environ.get("SOPHON_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()  # the full traceback, for bug reports
+        print(f"sophon {command}: error: {describe(exc)}", file=sys.stderr)
+        return 2
+    traceback.print_exc()
+    print(f"sophon {command}: internal error: {BUG_REPORT}", file=sys.stderr)
+    return 1
+
+
+def _check_attack_device(args: argparse.Namespace) -> None:
+    if getattr(args, "device", None) is not None:
+        from .workflow import check_device
+
+        check_device(args.device)
 
 
 if __name__ == "__main__":

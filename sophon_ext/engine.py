@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +42,13 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import distributed
 from .config import Config, ConfigError, ProtectConfig, StrategyConfig
-from .data import ArrayDataset, DomainSplits, split
-from .tasks import Task, make_task
+from .data import ArrayDataset, DomainSplits, MapDataset, as_dataset, split
+from .tasks import Task, check_model_on, evaluate_dataset, make_task
 
-DataLike = Any  # ArrayDataset | DomainSplits | (x, y) tuple of tensors / arrays
+DataLike = Any  # ArrayDataset | DomainSplits | (x, y) pair | map-style torch Dataset | DataLoader
+Dataset = ArrayDataset | MapDataset
+#: what a run writes in its ``out_dir``
+OUT_DIR_FILES = {"log.jsonl": "file", "checkpoint": "dir"}
 #: how a guard stop caused by NaN/inf weights or metrics starts its reason
 NON_FINITE = "non-finite values"
 
@@ -78,29 +82,12 @@ class ProtectionResult:
         return self.stopped and (self.stop_reason or "").startswith(NON_FINITE)
 
 
-def _as_dataset(data: DataLike, what: str) -> ArrayDataset:
-    if isinstance(data, ArrayDataset):
-        dataset = data
-    elif isinstance(data, (tuple, list)) and len(data) == 2:
-        from .data import from_arrays
-
-        try:
-            dataset = from_arrays(*data)
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"{what}: {exc}") from None
-    else:
-        raise TypeError(f"{what}: expected an ArrayDataset, DomainSplits or an (x, y) pair, got {type(data).__name__}")
-    if len(dataset) == 0:
-        raise ValueError(f"{what}: dataset is empty")
-    return dataset
-
-
-def _train_and_val(data: DataLike, val_fraction: float, seed: int, what: str) -> tuple[ArrayDataset, ArrayDataset]:
+def _train_and_val(data: DataLike, val_fraction: float, seed: int, what: str) -> tuple[Dataset, Dataset]:
     """The training part and the held-out guard part of a domain."""
     if isinstance(data, DomainSplits):
-        train, val = _as_dataset(data.train, f"{what}.train"), _as_dataset(data.val, f"{what}.val")
+        train, val = as_dataset(data.train, f"{what}.train"), as_dataset(data.val, f"{what}.val")
         return train, val
-    dataset = _as_dataset(data, what)
+    dataset = as_dataset(data, what)
     if len(dataset) < 2:
         raise ValueError(f"{what}: needs at least 2 samples to hold some out for the guard, got {len(dataset)}")
     train, val = split(dataset, [1.0 - val_fraction, val_fraction], seed=seed)
@@ -130,6 +117,29 @@ def _model_device(model: nn.Module) -> torch.device:
     return devices.pop() if devices else torch.device("cpu")
 
 
+def resolve_device(model: nn.Module, device: str | torch.device | None, config_device: str = "cpu") -> torch.device:
+    """Where protection runs: the model's device, unless ``device`` (or a ``config.device``
+    other than the default ``"cpu"``) names one, which must then be the model's."""
+    model_device = _model_device(model)
+    if device is not None:
+        wanted, source = torch.device(device), "device"
+    elif torch.device(config_device) != torch.device("cpu"):
+        wanted, source = torch.device(config_device), "config.device"
+    else:
+        return model_device
+    if model_device.type != wanted.type or (wanted.index is not None and model_device != wanted):
+        raise ValueError(f"model: is on {model_device} but {source} is {wanted}; move the model or set device")
+    return model_device if wanted.index is None else wanted
+
+
+def show_progress(progress: bool | None) -> bool:
+    """``progress``, where None means: when stderr is a terminal."""
+    if progress is None:
+        isatty = getattr(sys.stderr, "isatty", None)
+        return bool(isatty and isatty())
+    return bool(progress)
+
+
 def _strategy_from_config(sc: StrategyConfig, default_steps: int, seed: int):
     from .strategies import FineTuneStrategy
 
@@ -150,9 +160,12 @@ class Sophon:
 
     Args:
         model: any ``nn.Module`` the task accepts (classification: logits (N, C)).
-        original: the domain to keep: an ``ArrayDataset``, an ``(x, y)`` pair or
+        original: the domain to keep: an ``ArrayDataset``, an ``(x, y)`` pair,
             ``DomainSplits`` (its ``val`` part feeds the guard; otherwise
-            ``config.data.val_fraction`` is held out).
+            ``config.data.val_fraction`` is held out), a map-style
+            ``torch.utils.data.Dataset`` or a ``DataLoader`` (its dataset and
+            collate_fn are read batch by batch; its sampler is not used:
+            batches are drawn by the engine's generator).
         restricted: the domain to make non-fine-tunable (its training part).
         config: a :class:`~sophon_ext.config.Config`, a
             :class:`~sophon_ext.config.ProtectConfig`, a dict or a YAML/JSON path.
@@ -162,7 +175,8 @@ class Sophon:
         out_dir: where checkpoints and ``log.jsonl`` go (None: nothing written).
         model_spec: ``{"name", "kwargs"}`` of the model registry, saved in checkpoints
             so a run can resume without the Python model object.
-        progress: show a tqdm bar with the live losses.
+        device: where to run; None (default): the model's device (see :func:`resolve_device`).
+        progress: show a tqdm bar with the live losses; None (default): when stderr is a terminal.
         simulate_fn: replaces :func:`sophon_ext.simulate` (same contract).
         comm: a :class:`~sophon_ext.distributed.Communicator`; default
             :func:`sophon_ext.distributed.setup` (under torchrun the strategies
@@ -181,7 +195,8 @@ class Sophon:
         out_dir: str | Path | None = None,
         model_spec: dict | None = None,
         head: str | None = None,
-        progress: bool = False,
+        device: str | torch.device | None = None,
+        progress: bool | None = None,
         simulate_fn: Callable | None = None,
         comm: distributed.Communicator | None = None,
     ) -> None:
@@ -190,10 +205,7 @@ class Sophon:
         self.config = _normalise_config(config)
         self.pc = self.config.protect
         self.task = task if task is not None else make_task(self.config.mode, **self.config.task)
-        self.device = torch.device(self.config.device)
-        model_device = _model_device(model)
-        if model_device.type != self.device.type or (self.device.index is not None and model_device != self.device):
-            raise ValueError(f"model: is on {model_device} but config.device is {self.device}; move the model or set device")
+        self.device = resolve_device(model, device, self.config.device)
         self.model = model
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
@@ -202,20 +214,20 @@ class Sophon:
         self.head = head
         self.comm = comm if comm is not None else distributed.setup()
         self.comm.broadcast_(list(model.state_dict().values()))  # every rank starts from rank 0's model
-        self.progress = progress and self.comm.is_main
+        self.progress = show_progress(progress) and self.comm.is_main
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self._simulate = simulate_fn
 
         split_seed = self.config.data.split_seed
         self.original_train, self.original_val = _train_and_val(original, self.config.data.val_fraction, split_seed, "original")
         restricted_train = restricted.train if isinstance(restricted, DomainSplits) else restricted
-        self.restricted_train = _as_dataset(restricted_train, "restricted")
+        self.restricted_train = as_dataset(restricted_train, "restricted")
         self.original_train = self.original_train.to(self.device)
         self.original_val = self.original_val.to(self.device)
         self.restricted_train = self.restricted_train.to(self.device)
         for name, data in (("original", self.original_train), ("restricted", self.restricted_train)):
             try:
-                self.task.check_model(model, data.x, data.y)
+                check_model_on(self.task, model, data)
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"{name}: {exc}") from None
 
@@ -291,15 +303,16 @@ class Sophon:
                 self.slots[slot] = self.sampler.draw(self.generator)
         return slots, [self.slots[slot][1] for slot in slots]
 
-    def _sample(self, data: ArrayDataset, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``size`` samples drawn without replacement (with, when the dataset is smaller)."""
+    def _sample(self, data: Dataset, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``size`` samples drawn without replacement (with, when the dataset is smaller). The
+        positions come from the engine's generator whatever the dataset's kind, so data in tensors
+        and the same data read on demand give the same batches."""
         n = len(data)
         if size <= n:
             index = torch.randperm(n, generator=self.generator)[:size]
         else:
             index = torch.randint(n, (size,), generator=self.generator)
-        index = index.to(data.x.device)
-        return data.x[index], data.y[index]
+        return data.gather(index)
 
     def _restricted_pool(self) -> tuple[tuple, torch.Tensor]:
         """The restricted-domain samples this FTS step's trajectories draw their batches from."""
@@ -449,7 +462,7 @@ class Sophon:
         # check: with one fixed draw the protection learnt to pass the guard while failing on
         # other draws (docs/DESIGN_NOTES.md). Classification ignores the seed.
         seed = self.config.seed + self.iteration
-        metrics = self.task.evaluate(self.model, self.original_val.x, self.original_val.y, seed=seed)
+        metrics = evaluate_dataset(self.task, self.model, self.original_val, seed=seed)
         return self.comm.broadcast_object(float(metrics[self.task.metric_name]))
 
     def _bound(self) -> float | None:
@@ -528,9 +541,19 @@ class Sophon:
         self.last_good["iteration"] = good["iteration"]
 
     def _start(self) -> None:
-        if self.start_metric is None:
+        if self.start_metric is None:  # a fresh run (a resumed one has its start from the checkpoint)
+            self._claim_out_dir()
             self.start_metric = self.last_metric = self.evaluate_original()
             self.last_good = self._snapshot()
+
+    def _claim_out_dir(self) -> None:
+        """A fresh run never writes into another run's log and checkpoint."""
+        if self.out_dir is None or not self.comm.is_main:
+            return
+        existing = ckpt.check_output_dir(self.out_dir, OUT_DIR_FILES, option="out_dir")
+        ckpt.refuse_previous_run(self.out_dir, existing, option="out_dir",
+                                 remedy="continue it with Sophon(...).resume() or protect(..., resume=True), "
+                                        "or replace it with protect(..., overwrite=True)")
 
     def step(self) -> dict:
         """Run one outer iteration (FTS, NTR, maybe the guard); returns its log record."""
@@ -738,6 +761,8 @@ class Sophon:
             raise ValueError("resume: give a directory or construct Sophon with out_dir")
         state, metadata = ckpt.load_checkpoint(directory, map_location=self.device)
         saved = metadata.get("config")
+        if saved is not None:
+            saved = _normalised_config(saved, directory)
         if saved is not None and _without_iterations(saved) != _without_iterations(self.config.to_dict()):
             raise ckpt.CheckpointError(
                 f"checkpoint: {directory} was written with a different config; resume with the saved one "
@@ -769,6 +794,15 @@ class Sophon:
         ckpt.atomic_write_bytes(self.log_path, text.encode())
 
 
+def _normalised_config(saved: dict, directory: Path) -> dict:
+    # Through this version's Config, so keys added since the checkpoint was written take their
+    # defaults instead of reading as a different config.
+    try:
+        return Config.from_dict(saved).to_dict()
+    except ConfigError as exc:
+        raise ckpt.CheckpointError(f"checkpoint: {directory} holds a config this version rejects: {exc}") from None
+
+
 def _without_iterations(config: dict) -> dict:
     # A resumed run may be asked to go further than the first one planned.
     out = copy.deepcopy(config)
@@ -783,18 +817,31 @@ def protect(
     config: Config | ProtectConfig | dict | str | Path | None = None,
     *,
     inplace: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
     **kwargs,
 ) -> nn.Module:
     """Return a SOPHON-protected copy of ``model`` (``inplace=True`` modifies ``model`` itself).
 
     ``original`` is the domain the model must keep working on, ``restricted``
-    the one it must resist being fine-tuned to; both are ``ArrayDataset``s,
-    ``(x, y)`` pairs or ``DomainSplits``. Other keyword arguments go to
-    :class:`Sophon` (``task``, ``strategies``, ``out_dir``, ``progress``, ...).
+    the one it must resist being fine-tuned to; each is an ``ArrayDataset``, an
+    ``(x, y)`` pair, ``DomainSplits``, a map-style ``torch.utils.data.Dataset`` or a
+    ``DataLoader`` (read batch by batch; see :class:`sophon_ext.data.MapDataset`).
+    Other keyword arguments go to :class:`Sophon` (``task``, ``strategies``,
+    ``out_dir``, ``device``, ``progress``, ...). A fresh run refuses an ``out_dir``
+    holding another run's log or checkpoint (a ValueError naming it): ``resume=True``
+    continues that run, ``overwrite=True`` removes its files first.
     """
+    if resume and overwrite:
+        raise ConfigError("overwrite: contradicts resume (one continues the run in out_dir, the other replaces it)")
     if not inplace:
         model = copy.deepcopy(model)
-    Sophon(model, original, restricted, config, **kwargs).run()
+    engine = Sophon(model, original, restricted, config, **kwargs)
+    if overwrite and engine.out_dir is not None:
+        ckpt.remove_run_files(engine.out_dir, list(OUT_DIR_FILES))
+    if resume:
+        engine.resume()
+    engine.run()
     return model
 
 

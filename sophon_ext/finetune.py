@@ -22,15 +22,21 @@ import torch
 from torch import nn
 
 from . import surgery
-from .data import ArrayDataset
-from .lora import add_lora
+from .data import ArrayDataset, MapDataset, as_dataset
+from .errors import UserInputError, UserInputTypeError
+from .lora import add_lora, add_peft_lora
 from .methods import InputChanged, get_method, method_names
 from .optim.presets import PRESETS, make_torch_optimizer
+from .tasks.base import check_model_on, evaluate_dataset
 
 #: the built-in attack methods (:mod:`sophon_ext.methods`; methods registered later are accepted too)
 ATTACK_METHODS = method_names()
 #: learning-rate schedules, as a factor of the base lr at optimizer step t of T
 SCHEDULES = ("constant", "cosine", "linear", "step")
+#: how the lora method adds its adapters: the built-in ones (:mod:`sophon_ext.lora`) or peft's
+LORA_ADAPTERS = ("builtin", "peft")
+#: lora-only fields, left out of :meth:`AttackSpec.to_dict` (and so of run keys and reports) at their defaults
+_LORA_DEFAULTS = {"lora_alpha": None, "target_modules": None, "adapter": "builtin"}
 
 
 @dataclass
@@ -40,9 +46,12 @@ class AttackSpec:
     ``layers`` is read by ``reinit_layers`` / ``freeze_first`` (a count of
     first parametrised layers, or module names; default 1) and ``probe`` (the
     module whose output is probed, or a count k meaning the k-th parametrised
-    layer; default the middle one). ``rank`` is read by ``lora``. ``hparams``
-    are extra optimizer hyperparameters (torch.optim names) on top of the
-    preset's.
+    layer; default the middle one). ``rank``, ``lora_alpha`` (the update is
+    scaled by ``lora_alpha / rank``; default ``rank``), ``target_modules`` (module
+    names or one regular expression, as in peft; default every Linear, Conv2d
+    and nn.MultiheadAttention) and ``adapter`` (``builtin`` or ``peft``) are
+    read by ``lora``. ``hparams`` are extra optimizer hyperparameters
+    (torch.optim names) on top of the preset's.
     """
 
     method: str = "full"
@@ -56,32 +65,56 @@ class AttackSpec:
     rank: int = 4
     seed: int = 0
     hparams: dict = field(default_factory=dict)
+    lora_alpha: float | None = None
+    target_modules: list[str] | str | None = None
+    adapter: str = "builtin"
 
     def __post_init__(self) -> None:
         if self.method not in method_names():
-            raise ValueError(f"method: unknown attack method {self.method!r}; choose one of {method_names()}")
+            raise UserInputError(f"method: unknown attack method {self.method!r}; choose one of {method_names()}")
         if self.optimizer not in PRESETS:
-            raise ValueError(f"optimizer: unknown name {self.optimizer!r}; choose one of {sorted(PRESETS)}")
+            raise UserInputError(f"optimizer: unknown name {self.optimizer!r}; choose one of {sorted(PRESETS)}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule: unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
+            raise UserInputError(f"schedule: unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
         for name in ("batch_size", "epochs", "rank", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name}: expected an int, got {value!r}")
+                raise UserInputTypeError(f"{name}: expected an int, got {value!r}")
         if self.batch_size < 1 or self.epochs < 1 or self.rank < 1:
-            raise ValueError(f"batch_size, epochs, rank: must be >= 1, got {self.batch_size}, {self.epochs}, {self.rank}")
+            raise UserInputError(f"batch_size, epochs, rank: must be >= 1, got {self.batch_size}, {self.epochs}, {self.rank}")
         self.lr = float(self.lr)
         self.weight_decay = float(self.weight_decay)
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr: must be a positive number, got {self.lr}")
+            raise UserInputError(f"lr: must be a positive number, got {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+            raise UserInputError(f"weight_decay: must be >= 0, got {self.weight_decay}")
         if not isinstance(self.hparams, dict):
-            raise TypeError(f"hparams: expected a dict of optimizer hyperparameters, got {type(self.hparams).__name__}")
+            raise UserInputTypeError(f"hparams: expected a dict of optimizer hyperparameters, got {type(self.hparams).__name__}")
         if "lr" in self.hparams or "weight_decay" in self.hparams:
-            raise ValueError("hparams: give lr and weight_decay as the attack's own fields, not in hparams")
+            raise UserInputError("hparams: give lr and weight_decay as the attack's own fields, not in hparams")
         if isinstance(self.layers, tuple):
             self.layers = list(self.layers)
+        self._check_lora_fields()
+
+    def _check_lora_fields(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        set_here = [k for k, default in _LORA_DEFAULTS.items() if getattr(self, k) != default]
+        if set_here and self.method != "lora":
+            raise UserInputError(f"{', '.join(set_here)}: only the lora method reads them, got method {self.method!r}")
+        if self.adapter not in LORA_ADAPTERS:
+            raise UserInputError(f"adapter: unknown LoRA adapter {self.adapter!r}; choose one of {LORA_ADAPTERS}")
+        if self.lora_alpha is not None:
+            if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
+                raise UserInputTypeError(f"lora_alpha: expected a number or None, got {self.lora_alpha!r}")
+            self.lora_alpha = float(self.lora_alpha)
+            if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+                raise UserInputError(f"lora_alpha: must be a positive number, got {self.lora_alpha}")
+        targets = self.target_modules
+        if targets is not None and not isinstance(targets, str) and not (
+                isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
+            raise UserInputTypeError(f"target_modules: expected a non-empty list of module names or one regular expression, "
+                            f"got {targets!r}")
 
     @property
     def name(self) -> str:
@@ -93,22 +126,24 @@ class AttackSpec:
             parts.append(f"L{layers}")
         if self.method == "lora":
             parts.append(f"r{self.rank}")
+            if self.lora_alpha is not None:
+                parts.append(f"a{self.lora_alpha:g}")
+            if self.target_modules is not None:
+                targets = self.target_modules if isinstance(self.target_modules, str) else "+".join(self.target_modules)
+                parts.append(f"T{targets}")
+            if self.adapter != "builtin":
+                parts.append(self.adapter)
         for key in sorted(self.hparams):
             parts.append(f"{key}{self.hparams[key]}")
         parts.append(f"s{self.seed}")
         return re.sub(r"[^A-Za-z0-9._+=-]", "_", "-".join(str(p) for p in parts))
 
     def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def as_dataset(data, argument: str) -> ArrayDataset:
-    """Accept an :class:`ArrayDataset` or an ``(x, y)`` pair of tensors."""
-    if isinstance(data, ArrayDataset):
-        return data
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        return ArrayDataset(torch.as_tensor(data[0]), torch.as_tensor(data[1]))
-    raise TypeError(f"{argument}: expected an ArrayDataset or an (x, y) pair, got {type(data).__name__}")
+        fields = asdict(self)
+        for key, default in _LORA_DEFAULTS.items():
+            if fields[key] == default:
+                del fields[key]
+        return fields
 
 
 def schedule_factor(name: str, total_steps: int) -> Callable[[int], float]:
@@ -126,7 +161,7 @@ def schedule_factor(name: str, total_steps: int) -> Callable[[int], float]:
         return lambda t: max(0.0, 1.0 - t / total)
     if name == "step":
         return lambda t: 1.0 if t < total // 2 else (0.1 if t < (3 * total) // 4 else 0.01)
-    raise ValueError(f"schedule: unknown schedule {name!r}; choose one of {SCHEDULES}")
+    raise UserInputError(f"schedule: unknown schedule {name!r}; choose one of {SCHEDULES}")
 
 
 class LinearProbe(nn.Module):
@@ -146,7 +181,7 @@ class LinearProbe(nn.Module):
         backbone.get_submodule(layer).register_forward_hook(self._keep)
         dim = self._extract(sample_inputs).shape[1]
         ref = next(backbone.parameters(), None)
-        self.linear = nn.Linear(dim, num_outputs, device=getattr(ref, "device", None))
+        self.linear = nn.Linear(dim, num_outputs, device=getattr(ref, "device", None), dtype=getattr(ref, "dtype", None))
         surgery.reinitialise(self, ["linear"], generator)
 
     def _keep(self, module, inputs, output) -> None:
@@ -165,18 +200,18 @@ class LinearProbe(nn.Module):
         return self.linear(self._extract(inputs))
 
 
-def _label_count(*datasets: ArrayDataset) -> int:
+def _label_count(*datasets: ArrayDataset | MapDataset) -> int:
     return max(d.num_classes for d in datasets)
 
 
 def _check_head(model: nn.Module, task, method: str, sample_inputs: tuple, head: str | None) -> str:
     """Name of the classifier head, after checking the model's output comes straight out of it."""
     if getattr(task, "has_head", True) is False:
-        raise ValueError(f"method: {method!r} needs a classifier head, and task {task.name!r} has none")
+        raise UserInputError(f"method: {method!r} needs a classifier head, and task {task.name!r} has none")
     try:
         head_name = surgery.find_head(model, head)
     except ValueError as exc:
-        raise ValueError(f"method: {method!r} needs a classifier head: {exc}") from exc
+        raise UserInputError(f"method: {method!r} needs a classifier head: {exc}") from exc
     captured = {}
     handle = model.get_submodule(head_name).register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
     was_training = model.training
@@ -190,7 +225,7 @@ def _check_head(model: nn.Module, task, method: str, sample_inputs: tuple, head:
     head_out = captured.get("out")
     if not (isinstance(head_out, torch.Tensor) and isinstance(out, torch.Tensor)
             and head_out.shape == out.shape and torch.equal(head_out, out)):
-        raise ValueError(
+        raise UserInputError(
             f"method: {method!r} needs a classifier head whose output is the model's output; "
             f"{head_name!r} is not (pass the head's module name, or use a method that keeps the model whole)"
         )
@@ -213,15 +248,16 @@ def _probe_layer(model: nn.Module, layers) -> str:
         return names[max(len(names) // 2 - 1, 0)]
     if isinstance(layers, int) and not isinstance(layers, bool):
         if not 1 <= layers <= len(names):
-            raise ValueError(f"layers: the probe's layer count must be in [1, {len(names)}], got {layers}")
+            raise UserInputError(f"layers: the probe's layer count must be in [1, {len(names)}], got {layers}")
         return names[layers - 1]
     resolved = surgery.resolve_layers(model, layers)
     if len(resolved) != 1:
-        raise ValueError(f"layers: a probe reads one layer, got {resolved}")
+        raise UserInputError(f"layers: a probe reads one layer, got {resolved}")
     return resolved[0]
 
 
-def prepare_attack_model(model: nn.Module, spec: AttackSpec, task, train: ArrayDataset, test: ArrayDataset,
+def prepare_attack_model(model: nn.Module, spec: AttackSpec, task, train: ArrayDataset | MapDataset,
+                         test: ArrayDataset | MapDataset,
                          head: str | None = None, generator: torch.Generator | None = None,
                          device: str | torch.device | None = None) -> tuple[nn.Module, list]:
     """A copy of ``model`` (on ``device``) after the attack's surgery, and the parameters the attack trains.
@@ -233,15 +269,18 @@ def prepare_attack_model(model: nn.Module, spec: AttackSpec, task, train: ArrayD
     if device is not None:
         model.to(device)
     method = get_method(spec.method)
-    sample_inputs, _ = task.prepare(train.x[:2], train.y[:2], torch.Generator().manual_seed(0))
+    sample = train.head(2)
+    sample_inputs, _ = task.prepare(sample.x, sample.y, torch.Generator().manual_seed(0))
     new_head = "head" in method.reinit or spec.method == "probe"  # an attacker sizes it to the restricted labels
     head_name = _check_head(model, task, spec.method, sample_inputs, head) if method.needs_head or spec.method == "probe" else None
     if new_head and spec.method != "probe":
         _resize_head(model, head_name, _label_count(train, test))
     if spec.method == "probe":
         model = LinearProbe(model, _probe_layer(model, spec.layers), sample_inputs, _label_count(train, test), generator)
+    elif spec.method == "lora" and spec.adapter == "peft":
+        add_peft_lora(model, spec.rank, spec.lora_alpha, spec.target_modules)  # draws from the seeded global RNG
     elif spec.method == "lora":
-        add_lora(model, spec.rank, generator=generator)
+        add_lora(model, spec.rank, spec.lora_alpha, generator, spec.target_modules)
     else:
         reinit, frozen = method.targets(model, spec.layers, head_name)
         method.apply_to_module(model, reinit, generator)
@@ -249,16 +288,16 @@ def prepare_attack_model(model: nn.Module, spec: AttackSpec, task, train: ArrayD
             p.requires_grad_(name not in set(frozen))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError(f"method: {spec.method!r} with layers={spec.layers!r} leaves no parameter to train")
+        raise UserInputError(f"method: {spec.method!r} with layers={spec.layers!r} leaves no parameter to train")
     change = method.input_change_for(spec.seed)
     if change is not None:
         model = InputChanged(model, change)
     try:
-        task.check_model(model, train.x, train.y)
-        task.check_model(model, test.x, test.y)
+        check_model_on(task, model, train)
+        check_model_on(task, model, test)
     except ValueError as exc:
         keeps = "builds a new head" if new_head else "keeps the model's head"
-        raise ValueError(f"attack {spec.name}: method {spec.method!r} {keeps}: {exc}") from exc
+        raise UserInputError(f"attack {spec.name}: method {spec.method!r} {keeps}: {exc}") from exc
     return model, params
 
 
@@ -266,9 +305,13 @@ def _finite(value: float) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def fine_tune(model: nn.Module, spec: AttackSpec, task, train, test, device: str | torch.device = "cpu",
+def fine_tune(model: nn.Module, spec: AttackSpec, task, train, test, device: str | torch.device | None = None,
               head: str | None = None, inspect: Callable[[nn.Module], dict] | None = None) -> dict:
-    """Run ``spec`` on a copy of ``model`` (the model itself is untouched).
+    """Run ``spec`` on a copy of ``model`` (the model itself is untouched) on ``device``
+    (default: the model's).
+
+    ``train`` / ``test``: anything :func:`sophon_ext.data.as_dataset` accepts; a
+    Dataset or DataLoader is read batch by batch.
 
     Returns the run's curves: ``metric`` and ``loss`` on ``test`` (``epochs + 1``
     entries, entry 0 after the surgery and before any step), ``train_loss``
@@ -278,6 +321,8 @@ def fine_tune(model: nn.Module, spec: AttackSpec, task, train, test, device: str
     on the fine-tuned model when the run did not diverge; its dict goes under
     ``inspection`` (e.g. generation's sample grid and distribution distance).
     """
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
     train, test = as_dataset(train, "train").to(device), as_dataset(test, "test").to(device)
     started = time.perf_counter()
     devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
@@ -294,44 +339,43 @@ def fine_tune(model: nn.Module, spec: AttackSpec, task, train, test, device: str
     return curve
 
 
-def train_one_epoch(model: nn.Module, task, data: ArrayDataset, optimizer: torch.optim.Optimizer, batch_size: int,
-                    generator: torch.Generator, loss_fn, scheduler=None) -> float:
+def train_one_epoch(model: nn.Module, task, data: ArrayDataset | MapDataset, optimizer: torch.optim.Optimizer,
+                    batch_size: int, generator: torch.Generator, loss_fn, scheduler=None) -> float:
     """One pass over ``data`` in an order drawn from ``generator``, one optimizer
     step per batch of ``loss_fn(model(*inputs), targets)``; returns the mean
     training loss. Shared by the attacks and by pre-training."""
     model.train()
     n = len(data)
-    order = torch.randperm(n, generator=generator).to(data.x.device)
-    loss_sum = torch.zeros((), device=data.x.device)
-    for start in range(0, n, batch_size):
-        index = order[start : start + batch_size]
-        inputs, targets = task.prepare(data.x[index], data.y[index], generator)
+    order = torch.randperm(n, generator=generator).to(data.device)
+    loss_sum = torch.zeros((), device=data.device)
+    for x, y in data.batches(order, batch_size):
+        inputs, targets = task.prepare(x, y, generator)
         batch_loss = loss_fn(model(*inputs), targets)
         optimizer.zero_grad(set_to_none=True)
         batch_loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        loss_sum += batch_loss.detach() * index.numel()
+        loss_sum += batch_loss.detach() * y.shape[0]
     return float(loss_sum) / n  # one host sync per epoch
 
 
-def _train_loop(model: nn.Module, params: Sequence[torch.Tensor], spec: AttackSpec, task, train: ArrayDataset,
-                test: ArrayDataset, generator: torch.Generator) -> dict:
+def _train_loop(model: nn.Module, params: Sequence[torch.Tensor], spec: AttackSpec, task, train: ArrayDataset | MapDataset,
+                test: ArrayDataset | MapDataset, generator: torch.Generator) -> dict:
     optimizer = make_torch_optimizer(spec.optimizer, params, spec.lr, {**spec.hparams, "weight_decay": spec.weight_decay})
     n = len(train)
     steps_per_epoch = math.ceil(n / spec.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(spec.schedule, steps_per_epoch * spec.epochs))
-    first = task.evaluate(model, test.x, test.y, seed=spec.seed)
+    first = evaluate_dataset(task, model, test, seed=spec.seed)
     if not (_finite(first.get("loss")) and _finite(first.get(task.metric_name))):
-        raise ValueError(f"model: gives a non-finite {task.metric_name} or loss before any fine-tuning ({first}); "
+        raise UserInputError(f"model: gives a non-finite {task.metric_name} or loss before any fine-tuning ({first}); "
                          "check the starting model's weights")
     metric, loss, train_loss = [first[task.metric_name]], [first["loss"]], [None]
     diverged_at = None
     for epoch in range(1, spec.epochs + 1):
         epoch_loss = train_one_epoch(model, task, train, optimizer, spec.batch_size, generator,
                                      task.adaptation_loss, scheduler)
-        scores = task.evaluate(model, test.x, test.y, seed=spec.seed) if _finite(epoch_loss) else {}
+        scores = evaluate_dataset(task, model, test, seed=spec.seed) if _finite(epoch_loss) else {}
         if not (_finite(epoch_loss) and _finite(scores.get("loss")) and _finite(scores.get(task.metric_name))):
             diverged_at = epoch
             break

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ops
+from . import _soft_target_losses as _soft
 
 __all__ = [
     "inverse_cross_entropy",
@@ -571,9 +572,12 @@ def _check_logits(logits) -> None:
         raise ValueError(f"logits: need C >= 2 classes (dim {0 if logits.dim() == 1 else 1}), got shape {tuple(logits.shape)}")
 
 
-def _check_target(logits: Tensor, target) -> Tensor:
+def _check_target(logits: Tensor, target, allow_probabilities: bool = False) -> Tensor:
     if not isinstance(target, Tensor):
         raise TypeError(f"target: must be an integer Tensor of class indices, got {type(target).__name__}")
+    if allow_probabilities and target.is_floating_point():
+        _soft.check_probabilities(logits, target)
+        return target
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"target: must hold integer class indices, got dtype {target.dtype}")
     expected = logits.shape[:1] + logits.shape[2:] if logits.dim() >= 2 else torch.Size([])
@@ -653,8 +657,8 @@ def _reduce(values: Tensor, logits: Tensor, target: Tensor | None, weight: Tenso
     return values.reshape(logits.shape[:1] + logits.shape[2:])
 
 
-def _prepare(logits, target, weight, ignore_index, reduction, target_required=True):
-    """Checks the common arguments; returns (int64 target or None, ignore_index as an int)."""
+def _prepare(logits, target, weight, ignore_index, reduction, target_required=True, allow_probabilities=False):
+    """Checks the common arguments; returns (int64 target, probabilities or None, ignore_index as an int)."""
     _check_reduction(reduction)
     ignore_index = _check_ignore_index(ignore_index)
     _check_logits(logits)
@@ -664,9 +668,37 @@ def _prepare(logits, target, weight, ignore_index, reduction, target_required=Tr
         if weight is not None:
             raise ValueError("weight: class weights need a target")
     else:
-        target = _check_target(logits, target)
+        target = _check_target(logits, target, allow_probabilities)
     _check_weight(logits, weight)
     return target, ignore_index
+
+
+def _is_probabilities(target: Tensor | None) -> bool:
+    return target is not None and target.is_floating_point()
+
+
+def _composite_loss(logits, target, ice_weight, klu_weight, weight, ignore_index, reduction, label_smoothing):
+    """Probability targets or label smoothing: the pure-PyTorch path of :mod:`sophon_ext._soft_target_losses`."""
+    probabilities = _is_probabilities(target)
+    if probabilities and ignore_index != -100:
+        raise ValueError(f"ignore_index: applies to class-index targets only, got {ignore_index} with probability targets")
+    c = logits.shape[0] if logits.dim() == 1 else logits.shape[1]
+    rows, _ = _as_rows(logits, None)
+    if probabilities:
+        row_target = _as_rows(target, None)[0]
+    else:
+        row_target = target.reshape(-1)
+        _check_target_range("suppression_loss", row_target, c, ignore_index)
+    z = rows.to(_accumulation_dtype(logits.dtype))
+    values, denominator = _soft.composite_rows(
+        z, row_target, probabilities, weight, ice_weight, klu_weight, label_smoothing, ignore_index
+    )
+    values = values.to(logits.dtype)
+    if reduction == "sum":
+        return values.sum()
+    if reduction == "mean":
+        return values.sum() / denominator.to(logits.dtype)
+    return values.reshape(()) if logits.dim() == 1 else values.reshape(logits.shape[:1] + logits.shape[2:])
 
 
 def suppression_loss(
@@ -677,6 +709,7 @@ def suppression_loss(
     weight: Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """SOPHON's fused classification suppression loss: ``ice_weight * ICE + klu_weight * KLU``.
 
@@ -686,10 +719,19 @@ def suppression_loss(
     pass over the logits. Rows whose target is ``ignore_index`` are left out
     of both terms. ``weight`` multiplies each element's combined loss by
     ``weight[target]``.
+
+    ``target`` may also hold probabilities (a floating-point tensor of the
+    logits' shape), and ``label_smoothing`` in [0, 1) smooths the ICE term;
+    both as :func:`inverse_cross_entropy` defines them, while KLU, being
+    label-free, is unchanged (its element weight is then ``sum_j w_j q_j``).
+    These options run a pure-PyTorch composite instead of the kernel.
     """
-    target, ignore_index = _prepare(logits, target, weight, ignore_index, reduction)
+    target, ignore_index = _prepare(logits, target, weight, ignore_index, reduction, allow_probabilities=True)
     ice_weight = _check_loss_weight("ice_weight", ice_weight)
     klu_weight = _check_loss_weight("klu_weight", klu_weight)
+    label_smoothing = _soft.check_label_smoothing(label_smoothing)
+    if _is_probabilities(target) or (label_smoothing and ice_weight != 0):
+        return _composite_loss(logits, target, ice_weight, klu_weight, weight, ignore_index, reduction, label_smoothing)
     rows, row_target = _as_rows(logits, target)
     values = _suppression_rows(rows, row_target, ice_weight, klu_weight, ignore_index)
     return _reduce(values, logits, row_target, weight, ignore_index, reduction)
@@ -701,6 +743,7 @@ def inverse_cross_entropy(
     weight: Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Inverse cross-entropy, the SOPHON paper's form: ``-log(1 - softmax(logits)[target])``.
 
@@ -708,8 +751,22 @@ def inverse_cross_entropy(
     so it stays finite when p_y rounds to 1 (a target logit 1e4 above the
     others gives ICE ~ 1e4). Its gradient is ``p_y (e_y - q)`` with q the
     softmax over the non-target classes: bounded, and vanishing as p_y -> 0.
+
+    With ``l_j = -log(1 - p_j)`` and class weights ``w`` (1 without
+    ``weight``), following ``F.cross_entropy``'s conventions:
+
+    - probability targets ``q`` (a floating-point ``target`` of the logits'
+      shape, >= 0, summing to 1 over the classes): ``sum_j w_j q_j l_j``;
+      ``reduction='mean'`` divides by the number of elements, and
+      ``ignore_index`` does not apply;
+    - ``label_smoothing`` e in [0, 1): targets ``(1 - e) onehot(y) + e / C``,
+      i.e. ``(1 - e) w_y l_y + (e / C) sum_j w_j l_j`` (``q`` becomes
+      ``(1 - e) q + e / C`` for probability targets); ``'mean'`` divides by the
+      summed ``w_y`` as without smoothing.
+
+    These options run a pure-PyTorch composite instead of the kernel.
     """
-    return suppression_loss(logits, target, 1.0, 0.0, weight, ignore_index, reduction)
+    return suppression_loss(logits, target, 1.0, 0.0, weight, ignore_index, reduction, label_smoothing)
 
 
 def kl_uniform(
@@ -723,12 +780,20 @@ def kl_uniform(
 
     Label-free: ``target`` is optional and only used to leave out elements
     whose target is ``ignore_index`` and to apply class ``weight``.
+    ``target`` may hold probabilities ``q`` (the logits' shape); then an
+    element's weight is ``sum_j w_j q_j`` and ``'mean'`` divides by the
+    number of elements. Label smoothing would not change KLU, so there is no
+    such argument.
     Zero exactly when the logits of an element are all equal, and never
     negative (KL >= 0; a rounding error below 0 is clamped to 0). Computed
     relative to the row max, so logits of any magnitude (1e16 in float64,
     1e37 in float32) keep their differences.
     """
-    target, ignore_index = _prepare(logits, target, weight, ignore_index, reduction, target_required=False)
+    target, ignore_index = _prepare(
+        logits, target, weight, ignore_index, reduction, target_required=False, allow_probabilities=True
+    )
+    if _is_probabilities(target):
+        return _composite_loss(logits, target, 0.0, 1.0, weight, ignore_index, reduction, 0.0)
     rows, row_target = _as_rows(logits, target)
     values = _suppression_rows(rows, row_target, 0.0, 1.0, ignore_index)
     return _reduce(values, logits, row_target, weight, ignore_index, reduction)

@@ -10,12 +10,16 @@ samples to the same real set are on one scale.
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
+
+from ._optional import require
+from .checkpoint import atomic_write_bytes
 
 FEATURES = ("pixels", "random_conv")
 
@@ -41,7 +45,7 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1, p
 
 def save_sample_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 4) -> Path:
     """Write images (N, C, H, W) in [-1, 1] as one PNG grid, each pixel ``scale`` x ``scale``."""
-    from PIL import Image
+    Image = require("PIL.Image", "images")
 
     if scale < 1:
         raise ValueError(f"scale: must be >= 1, got {scale}")
@@ -49,17 +53,19 @@ def save_sample_grid(images: torch.Tensor, path: str | Path, nrow: int | None = 
     array = (grid * 255.0).round().to(torch.uint8)
     array = array.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if array.shape[0] == 1:
-        Image.fromarray(array[0].numpy(), mode="L").save(path)
+        image = Image.fromarray(array[0].numpy(), mode="L")
     else:
-        Image.fromarray(array.permute(1, 2, 0).contiguous().numpy(), mode="RGB").save(path)
+        image = Image.fromarray(array.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
 def save_labelled_grids(panels: Mapping[str, torch.Tensor], path: str | Path, nrow: int | None = None, title: str | None = None) -> Path:
     """One PNG with a titled grid per entry of ``panels`` (name -> images in [-1, 1]), side by side."""
-    import matplotlib
+    matplotlib = require("matplotlib", "plots")
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -76,8 +82,9 @@ def save_labelled_grids(panels: Mapping[str, torch.Tensor], path: str | Path, nr
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    from .report import save_figure
+
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 

@@ -13,14 +13,14 @@ import csv
 import io
 import json
 import math
-import os
 import platform
 import sys
-import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ._optional import missing_extra, require
 from .checkpoint import atomic_write_bytes
 
 SCHEMA_VERSION = 1
@@ -179,11 +179,6 @@ def build_report(task, config: dict, attacks: list[dict], original_domain: dict 
 
 
 # ---------------------------------------------------------------- files
-
-def _temporary_name(path: Path) -> Path:
-    # unique per process and call, so shards writing the same file never share a temporary
-    return path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (see :func:`checkpoint.atomic_write_bytes`)."""
@@ -432,7 +427,7 @@ def plot_diagnostics(report: dict, path: str | Path) -> None:
 
 
 def _pyplot():
-    import matplotlib
+    matplotlib = require("matplotlib", "plots")
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -441,15 +436,17 @@ def _pyplot():
 
 
 def _save(fig, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(path)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        save_figure(fig, path, dpi=110)
     finally:
         _pyplot().close(fig)
-        tmp.unlink(missing_ok=True)
+
+
+def save_figure(fig, path: str | Path, dpi: int) -> None:
+    """A matplotlib figure as a PNG, written atomically (:func:`checkpoint.atomic_write_bytes`)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_outputs(report: dict, out_dir: str | Path, plots: bool = True) -> dict[str, Path]:
@@ -460,6 +457,9 @@ def write_outputs(report: dict, out_dir: str | Path, plots: bool = True) -> dict
     atomic_write_json(paths["report"], report)
     atomic_write_text(paths["curves_csv"], curves_csv(report))
     atomic_write_text(paths["summary"], summary_markdown(report))
+    if plots and (why := missing_extra("plots")):  # the report is the result; the plots only show it
+        warnings.warn(f"report: plots not written: {why}", RuntimeWarning, stacklevel=2)
+        plots = False
     if plots and report["attacks"]:
         paths["curves_png"] = out / "curves.png"
         paths["heatmap_png"] = out / "heatmap.png"

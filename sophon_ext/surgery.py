@@ -114,8 +114,12 @@ def fresh_parameters(module: nn.Module, generator: torch.Generator | None = None
 
 @torch.no_grad()
 def reinitialise(model: nn.Module, module_names: Iterable[str], generator: torch.Generator | None = None) -> None:
-    """Re-initialise, in place, the parameters of the named modules."""
+    """Re-initialise, in place, the parameters of the named modules. A re-initialised BatchNorm
+    also starts its running statistics afresh, as a newly built layer (or torch's
+    ``reset_parameters``) has them: the attack harness evaluates with them."""
     modules = dict(model.named_modules())
     for name in module_names:
         for local, value in fresh_parameters(modules[name], generator).items():
             getattr(modules[name], local).copy_(value)
+        if isinstance(modules[name], nn.modules.batchnorm._NormBase) and modules[name].track_running_stats:
+            modules[name].reset_running_stats()

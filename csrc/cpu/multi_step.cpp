@@ -17,13 +17,14 @@ namespace {
 constexpr const char* kOp = "multi_step_update_: ";
 constexpr const char* kHparamNames[7] = {"lr", "momentum", "dampening", "beta1", "beta2", "weight_decay", "eps"};
 
-// What each rule says, and the hyperparameter (index in kHparamNames) it is about.
+// What each rule says, and the hyperparameter (index in kHparamNames, or kStepArg) it is about.
+constexpr int kStepArg = -1;
 struct RuleText {
   int hparam;
   const char* accepted;
 };
 constexpr RuleText kRules[kNumRules] = {
-    {0, ">= 0"},                                        // kRuleLr
+    {0, "finite and >= 0"},                             // kRuleLr
     {5, ">= 0"},                                        // kRuleWeightDecay
     {1, ">= 0"},                                        // kRuleMomentum
     {2, "finite"},                                      // kRuleDampening
@@ -33,6 +34,7 @@ constexpr RuleText kRules[kNumRules] = {
     {3, "in [0, 1)"},                                   // kRuleBeta1
     {4, "in [0, 1)"},                                   // kRuleBeta2
     {6, ">= 0"},                                        // kRuleEps
+    {kStepArg, "finite and >= 0"},                      // kRuleStep
 };
 
 Kind parse_kind(std::string_view kind) {
@@ -108,14 +110,15 @@ Kind check_arguments(const at::Tensor& params, const at::Tensor& grads, const at
   return kind;
 }
 
-void throw_broken_rule(const at::Tensor& masks, const at::Tensor* hparams[7]) {
+void throw_broken_rule(const at::Tensor& masks, const at::Tensor& step, const at::Tensor* hparams[7]) {
   const int32_t* m = masks.const_data_ptr<int32_t>();
   for (int rule = 0; rule < kNumRules; ++rule) {
     for (int64_t row = 0; row < masks.numel(); ++row) {
       if (!(m[row] & (1 << rule))) continue;
       const RuleText& text = kRules[rule];
-      const double value = hparams[text.hparam]->select(0, row).item<double>();
-      TORCH_CHECK_VALUE(false, kOp, kHparamNames[text.hparam], " must be ", text.accepted,
+      const bool is_step = text.hparam == kStepArg;
+      const double value = (is_step ? step : *hparams[text.hparam]).select(0, row).item<double>();
+      TORCH_CHECK_VALUE(false, kOp, is_step ? "step" : kHparamNames[text.hparam], " must be ", text.accepted,
                         " for every trajectory, got ", value, " at trajectory ", row);
     }
   }
@@ -150,7 +153,7 @@ void multi_step_update_cpu(const at::Tensor& params, const at::Tensor& grads, co
     mask[row] = fill_row(kind, nesterov, sgd_buffers, x, coefs.data() + row * kNumCoefs);
     any_broken |= mask[row];
   }
-  if (any_broken) throw_broken_rule(masks, hparams);
+  if (any_broken) throw_broken_rule(masks, step, hparams);
 
   step.add_(1);
   if (params.numel() == 0) return;

@@ -105,7 +105,7 @@ void multi_step_update_cuda(const at::Tensor& params, const at::Tensor& grads, c
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     // the one device->host copy of the call: were any values out of range?
-    if (masks.max().item<int32_t>() != 0) throw_broken_rule(masks.cpu(), hparams);
+    if (masks.max().item<int32_t>() != 0) throw_broken_rule(masks.cpu(), step, hparams);
   }
 
   step.add_(1);

@@ -1,5 +1,6 @@
-"""Optimizers: preset names, functional (vmappable) optimizers, Lion, and the
-fused multi-trajectory update."""
+"""Optimizers: preset names, functional (vmappable) optimizers, Lion, the
+fused multi-trajectory update, and torch.optim drop-ins on the fused kernel
+(FusedSGD, FusedAdam, FusedAdamW, FusedLion)."""
 
 from .functional import (
     FUNCTIONAL_OPTIMIZERS,
@@ -9,6 +10,7 @@ from .functional import (
     torch_optimizer_kwargs,
     validate_hparams,
 )
+from .dropin import FusedAdam, FusedAdamW, FusedLion, FusedSGD
 from .fused import FUSED_KINDS, FusedMultiTrajectoryOptimizer, multi_step_update_
 from .lion import Lion
 from .presets import PRESETS, make_torch_optimizer, resolve_preset
@@ -17,6 +19,10 @@ __all__ = [
     "FUNCTIONAL_OPTIMIZERS",
     "FUSED_KINDS",
     "FunctionalOptimizer",
+    "FusedAdam",
+    "FusedAdamW",
+    "FusedLion",
+    "FusedSGD",
     "FusedMultiTrajectoryOptimizer",
     "Lion",
     "PRESETS",

@@ -81,7 +81,12 @@ def _check_arguments(params, grads, state1, state2, step, hps: dict, kind: str, 
     if not step.is_contiguous():
         raise ValueError(f"{_PREFIX}step must be contiguous (it is updated in place)")
     h = {k: v.double() for k, v in hps.items()}
-    checks = [("lr", h["lr"] >= 0, ">= 0"), ("weight_decay", h["weight_decay"] >= 0, ">= 0")]
+    # a non-finite rate or a negative update count would write NaN/inf into params
+    h["step"] = step.double()
+    checks = [
+        ("lr", torch.isfinite(h["lr"]) & (h["lr"] >= 0), "finite and >= 0"),
+        ("weight_decay", h["weight_decay"] >= 0, ">= 0"),
+    ]
     with_buffers = kind == "sgd" and state1.numel() != 0
     if kind == "sgd":
         checks += [("momentum", h["momentum"] >= 0, ">= 0"), ("dampening", torch.isfinite(h["dampening"]), "finite")]
@@ -96,6 +101,7 @@ def _check_arguments(params, grads, state1, state2, step, hps: dict, kind: str, 
         checks += [(b, (h[b] >= 0) & (h[b] < 1), "in [0, 1)") for b in ("beta1", "beta2")]
         if kind != "lion":
             checks.append(("eps", h["eps"] >= 0, ">= 0"))
+    checks.append(("step", torch.isfinite(h["step"]) & (h["step"] >= 0), "finite and >= 0"))
     if with_buffers:
         _check_like_params(state1, "state1 (momentum buffers)", params, written=True)
     if kind in ("adam", "adamw"):
@@ -395,6 +401,41 @@ class FusedMultiTrajectoryOptimizer:
             views = self._views(flat if flat.numel() else torch.zeros_like(self.flat_params))
             state.update({opt.state_key(buffer, k): v.clone() for k, v in views.items()})
         return state
+
+    def state_dict(self) -> dict:
+        """What :meth:`load_state_dict` needs to continue identically: kind, per-trajectory
+        hyperparameters and :meth:`functional_state` (copies). As in torch.optim, the
+        parameters are not included: save ``flat_params`` (or the bound modules) with it."""
+        return {
+            "kind": self.kind,
+            "nesterov": self.nesterov,
+            "num_trajectories": self.num_trajectories,
+            "hparams": {name: value.clone() for name, value in self._hp.items()},
+            "state": self.functional_state(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Restore what :meth:`state_dict` returned, into this optimizer's buffers (in place)."""
+        for key, mine in (("kind", self.kind), ("num_trajectories", self.num_trajectories)):
+            if state_dict.get(key) != mine:
+                raise ValueError(f"state_dict: {key} is {state_dict.get(key)!r}, this optimizer's is {mine!r}")
+        state, expected = state_dict["state"], self.functional_state()
+        if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
+            raise ValueError(
+                "state_dict: its state does not fit these parameters; expected "
+                f"{ {k: list(v.shape) for k, v in expected.items()} }, got { {k: list(v.shape) for k, v in state.items()} }"
+            )
+        self.step_count.copy_(state["step"])
+        opt = get_functional_optimizer(self.kind)
+        for buffer, flat in zip(_STATE_BUFFERS[self.kind], (self.state1, self.state2)):
+            if buffer is None or not flat.numel():
+                continue
+            for name, view in self._views(flat).items():
+                view.copy_(state[opt.state_key(buffer, name)])
+        self.nesterov = bool(state_dict["nesterov"])
+        self._hp = {name: state_dict["hparams"][name].to(self.flat_params.device, torch.float64).clone()
+                    for name in _HP_ARGS}
 
 
 __all__ = ["FUSED_KINDS", "FusedMultiTrajectoryOptimizer", "flat_views", "flatten_rows", "multi_step_update_", "multi_step_update_op"]

@@ -1,9 +1,9 @@
 """Task plug-ins: what differs between classification and generation, nothing else."""
 
-from .base import Task, weighted_mean
+from .base import Task, check_model_on, evaluate_dataset, weighted_mean
 from .classification import ClassificationTask
 
-__all__ = ["Task", "ClassificationTask", "weighted_mean", "make_task"]
+__all__ = ["Task", "ClassificationTask", "weighted_mean", "make_task", "evaluate_dataset", "check_model_on"]
 
 
 def make_task(mode: str, **kwargs) -> Task:

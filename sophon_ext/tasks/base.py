@@ -55,3 +55,33 @@ def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Te
 
 def call_model(model: Callable, inputs: ModelInputs) -> torch.Tensor:
     return model(*inputs)
+
+
+#: samples a dataset read on demand is evaluated in at a time (a set this size or smaller is one chunk)
+EVAL_CHUNK = 4096
+#: samples of a dataset read on demand that :func:`check_model_on` shows the model
+CHECK_SAMPLES = 256
+
+
+def evaluate_dataset(task: Task, model: nn.Module, data, seed: int = 0, chunk_size: int = EVAL_CHUNK) -> dict[str, float]:
+    """``task.evaluate`` on an :class:`~sophon_ext.data.ArrayDataset` (whole, as before) or a
+    :class:`~sophon_ext.data.MapDataset` (chunk ``i`` of ``chunk_size`` samples evaluated with
+    ``seed + i``, every metric averaged weighted by chunk size: the built-in tasks' metrics are
+    per-sample means, and a set of one chunk gives exactly what the same data in tensors gives)."""
+    if hasattr(data, "x"):
+        return task.evaluate(model, data.x, data.y, seed=seed)
+    sums: dict[str, float] = {}
+    count = 0
+    for i, (x, y) in enumerate(data.batches(torch.arange(len(data)), chunk_size)):
+        metrics = task.evaluate(model, x, y, seed=seed + i)
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + value * x.shape[0]
+        count += x.shape[0]
+    return {key: value / max(count, 1) for key, value in sums.items()}
+
+
+def check_model_on(task: Task, model: nn.Module, data) -> None:
+    """``task.check_model`` on a dataset: all of an ArrayDataset, the first
+    :data:`CHECK_SAMPLES` samples of a dataset read on demand."""
+    sample = data if hasattr(data, "x") else data.head(CHECK_SAMPLES)
+    task.check_model(model, sample.x, sample.y)

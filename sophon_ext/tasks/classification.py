@@ -86,9 +86,12 @@ class ClassificationTask:
         with torch.no_grad():
             out = model(x[:2])
         model.train(was_training)
-        if not isinstance(out, torch.Tensor) or out.dim() != 2:
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"model: a classifier must return logits of shape (N, C), got {shape}")
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"model: a classifier must return logits of shape (N, C), got a {type(out).__name__}; "
+                             "for a model returning a mapping or an object holding the logits, give it by reference "
+                             "(model.name, model.output_key) or apply sophon_ext.models.logits_output(model, key)")
+        if out.dim() != 2:
+            raise ValueError(f"model: a classifier must return logits of shape (N, C), got {tuple(out.shape)}")
         num_classes = out.shape[1]
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ValueError(
