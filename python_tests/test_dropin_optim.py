@@ -134,16 +134,16 @@ def test_state_dicts_move_between_torch_optim_and_fused(case):
         ref_opt.step(_closure(ref_model, ref_opt, step))
     model.load_state_dict(ref_model.state_dict())
     opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))  # torch -> fused
-    for step in range(6, 12):
-        ref_opt.step(_closure(ref_model, ref_opt, step))
-        opt.step(_closure(model, opt, step))
-    for p, q in zip(model.parameters(), ref_model.parameters()):
-        torch.testing.assert_close(p, q, **TOL)
+    _step_both_and_compare(ref_model, ref_opt, model, opt, range(6, 12))
     back = ref_cls(_groups(model), **kwargs)
     back.load_state_dict(copy.deepcopy(opt.state_dict()))  # fused -> torch
-    for step in range(12, 15):
+    _step_both_and_compare(ref_model, ref_opt, model, back, range(12, 15))
+
+
+def _step_both_and_compare(ref_model, ref_opt, model, opt, steps):
+    for step in steps:
         ref_opt.step(_closure(ref_model, ref_opt, step))
-        back.step(_closure(model, back, step))
+        opt.step(_closure(model, opt, step))
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, **TOL)
 

@@ -30,13 +30,10 @@ def model(seed=0):
     return SmallCNN(width=4, depth=3).double()
 
 
-@pytest.mark.parametrize("name", method_names(simulated=True))
-def test_simulated_start_equals_the_harness_surgery(name):
-    """For every simulated method: the trajectory's start in the simulator is the model the
-    attack harness builds for the same seed (same values, same frozen set)."""
-    net, train = model(1), data()
+def assert_simulated_start_is_the_harness_model(net, train, name: str, seed: int):
+    """Method ``name``'s simulated start on ``net`` equals, value for value and in its frozen set, the
+    model the attack harness builds for ``seed``; returns (harness model, its inner model, re-initialised names)."""
     method = get_method(name)
-    seed = 1234
     spec = AttackSpec(method=name, optimizer="adam", lr=1e-3, layers=2 if method.needs_layers else None, seed=seed)
     real, params = prepare_attack_model(net, spec, TASK, train, train, generator=torch.Generator().manual_seed(seed))
     inner = real.model if isinstance(real, InputChanged) else real
@@ -47,6 +44,16 @@ def test_simulated_start_equals_the_harness_surgery(name):
         torch.testing.assert_close(start[n], p.detach(), rtol=0, atol=0, msg=f"{name}: {n}")
         assert p.requires_grad == (n not in frozen), (name, n)
     assert {id(p) for p in params} == {id(p) for p in inner.parameters() if p.requires_grad}
+    return real, inner, reinit
+
+
+@pytest.mark.parametrize("name", method_names(simulated=True))
+def test_simulated_start_equals_the_harness_surgery(name):
+    """For every simulated method: the trajectory's start in the simulator is the model the
+    attack harness builds for the same seed (same values, same frozen set)."""
+    net, train = model(1), data()
+    method, seed = get_method(name), 1234
+    real, inner, _ = assert_simulated_start_is_the_harness_model(net, train, name, seed)
     # the input change is the same on both sides
     x = train.x[:5]
     change = method.input_change_for(seed)

@@ -31,6 +31,7 @@ from sophon_ext.models import (LogitsOutput, ModelOutputError, build_model, data
                                logits_output, model_from_spec)
 from sophon_ext.tasks import ClassificationTask
 from sophon_ext.workflow import load_pretrained, model_spec
+from test_cli import write_small_domains
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -425,19 +426,12 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_protect_resume_and_attack_a_model_given_by_reference(tmp_path):
     """`sophon protect` on a module:callable model from a YAML config (plain .pt weights), a resume of
     it, and `sophon attack` on the result, each in its own process."""
-    rng = np.random.default_rng(0)
-    for side in ("original", "restricted"):
-        prototypes = rng.normal(size=(4, 1, 8, 8)).astype(np.float32)
-        y = rng.integers(0, 4, size=200)
-        np.savez(tmp_path / f"{side}.npz", x=prototypes[y] + rng.normal(size=(200, 1, 8, 8)).astype(np.float32), y=y)
-    config = {
-        "data": {side: {"source": "arrays", "path": str(tmp_path / f"{side}.npz"), "image_size": 8}
-                 for side in ("original", "restricted")},
-        "model": {"name": NET, "kwargs": {"hidden": 4, "output": "object"}},
-        "protect": {"iterations": 3, "inner_steps": 2, "pool_size": 64, "query_size": 8, "checkpoint_every": 2,
-                    "guard": {"every": 2}, "strategies": [{"optimizer": "adam", "batch_size": 8}]},
-    }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    config_path = Path(write_small_domains(tmp_path)["config"])  # the two tiny .npz domains of test_cli
+    config = yaml.safe_load(config_path.read_text())
+    config["model"] = {"name": NET, "kwargs": {"hidden": 4, "output": "object"}}
+    config["protect"] = {"iterations": 3, "inner_steps": 2, "pool_size": 64, "query_size": 8, "checkpoint_every": 2,
+                         "guard": {"every": 2}, "strategies": [{"optimizer": "adam", "batch_size": 8}]}
+    config_path.write_text(yaml.safe_dump(config))
     torch.save(make_net(in_channels=1, num_classes=4, hidden=4, output="object").state_dict(), tmp_path / "pre.pt")
 
     protect = run_cli("protect", "--config", "config.yaml", "--weights", "pre.pt", "--out", "prot", "--no-progress",

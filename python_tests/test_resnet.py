@@ -14,13 +14,14 @@ from sophon_ext.config import Config
 from sophon_ext.data import ArrayDataset, domain_splits
 from sophon_ext.errors import UserInputError
 from sophon_ext.finetune import AttackSpec, prepare_attack_model
-from sophon_ext.methods import InputChanged, get_method, method_names
+from sophon_ext.methods import method_names
 from sophon_ext.models import build_model
 from sophon_ext.presets import preset_names, preset_overrides
 from sophon_ext.resnet import ResNet
 from sophon_ext import surgery
 from sophon_ext.tasks import ClassificationTask
 
+from test_methods import assert_simulated_start_is_the_harness_model
 from test_simulate import DTYPE, assert_matches_reference, cross_entropy, kl_uniform, pool
 
 TASK = ClassificationTask()
@@ -83,17 +84,7 @@ def test_every_simulated_method_starts_where_the_harness_does(name):
     """The simulated trajectory's start is the model the attack harness builds for the same seed."""
     net = with_running_stats(resnet(1))
     train = ArrayDataset(torch.randn(32, 1, 8, 8, dtype=DTYPE), torch.arange(32) % 10)
-    method, seed = get_method(name), 77
-    spec = AttackSpec(method=name, optimizer="adam", lr=1e-3, layers=2 if method.needs_layers else None, seed=seed)
-    real, params = prepare_attack_model(net, spec, TASK, train, train, generator=torch.Generator().manual_seed(seed))
-    inner = real.model if isinstance(real, InputChanged) else real
-    theta = {n: p.detach().clone() for n, p in net.named_parameters()}
-    reinit, frozen = method.targets(net, spec.layers)
-    start = method.simulated_start(net, theta, reinit, torch.Generator().manual_seed(seed))
-    for n, p in inner.named_parameters():
-        torch.testing.assert_close(start[n], p.detach(), rtol=0, atol=0, msg=f"{name}: {n}")
-        assert p.requires_grad == (n not in frozen), (name, n)
-    assert {id(p) for p in params} == {id(p) for p in inner.parameters() if p.requires_grad}
+    _, inner, reinit = assert_simulated_start_is_the_harness_model(net, train, name, seed=77)
     # a re-initialised BatchNorm (layers=2: the stem's) starts its running statistics afresh; the rest are kept
     stem_bn = inner.stem[1]
     if "stem.1" in reinit:
