@@ -41,3 +41,20 @@ def test_docs_describe_the_product_not_its_history():
     for path in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "benchmarks").rglob("*.md")]:
         hits = [line for line in path.read_text().splitlines() if pattern.search(line)]
         assert not hits, f"{path.relative_to(ROOT)} narrates history: {hits[:3]}"
+
+
+def test_the_api_reference_renders_every_public_module(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_api_docs", ROOT / "scripts" / "build_api_docs.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    names = script.public_modules()
+    assert {"sophon_ext", "sophon_ext.nn", "sophon_ext.optim.dropin", "sophon_ext.engine"} <= set(names)
+    assert not any("._" in name for name in names)
+    pages = script.build(tmp_path)
+    index = (tmp_path / "index.html").read_text()
+    for name in names:
+        assert f'href="{name}.html"' in index
+        assert name in (tmp_path / f"{name}.html").read_text()
+    assert len(pages) == len(names) + 1
