@@ -36,6 +36,7 @@ def test_demo_quick_writes_report_models_and_log(quick_demo):
     out, proc = quick_demo
     assert proc.returncode == 0, proc.stderr
     assert "protection check:" in proc.stdout and "original-domain accuracy" in proc.stdout
+    assert f"sophon demo: outputs in {out}/" in proc.stdout  # the user is told where to look
     report = json.loads((out / "report.json").read_text())
     assert report["schema_version"] == 1 and report["task"] == "classification" and report["metric"] == "accuracy"
     attack = report["attacks"][0]

@@ -262,6 +262,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError("--overwrite: contradicts --resume (one continues the run in --out, the other replaces it)")
     report = run_demo(config, args.out, resume=args.resume, progress=args.progress, overwrite=args.overwrite)
     print(format_demo_table(report))
+    out = Path(args.out)
+    print(f"sophon demo: outputs in {out}/ (report.json, summary.md, curves.png, the pre-trained and protected models; "
+          f"the protection's checkpoint and log in {out / 'protect'}/)")
     checks = report["checks"]
     if args.strict and not (checks["protected_passes"] and checks["meaningful"]):
         return 1
