@@ -45,6 +45,22 @@ def test_uniform_sampler_draws_every_member_within_its_ranges():
     assert sum(sampler.draws) == 600
 
 
+@pytest.mark.parametrize("sharpness, low, high", [(1.0, 0.0, 0.1), (3.0, 0.9, 1.0)])
+def test_sharpness_concentrates_draws_on_the_worst_of_many_members(sharpness, low, high):
+    # 243 members (the strong preset's count), one escaping: estimate 2.0 against 0.1 elsewhere
+    fam = family(optimizers=["sgd", "adam", "adagrad"], methods=["full", "reinit_head", "head_only"], lr_bins=27,
+                 sampler="worst_case", floor=0.0, sharpness=sharpness)
+    sampler = FamilySampler(fam, steps=2)
+    assert len(sampler.members) == 243
+    for index in range(243):
+        sampler.observe(index, 2.0 if index == 100 else 0.1)
+        sampler.estimates[index] = 2.0 if index == 100 else 0.1  # exactly, past the smoothing
+    probs = sampler.probabilities()
+    assert sum(probs) == pytest.approx(1.0)
+    assert low <= probs[100] <= high
+    assert probs[100] == pytest.approx(2.0 ** sharpness / (2.0 ** sharpness + 242 * 0.1 ** sharpness))
+
+
 def test_worst_case_sampler_prefers_the_escaping_member_and_keeps_the_floor():
     fam = family(optimizers=["sgd", "adam"], methods=["full", "reinit_head"], sampler="worst_case", floor=0.2)
     sampler = FamilySampler(fam, steps=2)
@@ -92,6 +108,7 @@ def test_worst_case_sampler_prefers_the_escaping_member_and_keeps_the_floor():
     ({"hparams": {"adam": {"momentum": 0.9}}}, r"protect.strategies: hparams.adam: .*momentum"),
     ({"sampler": "best"}, r"protect.strategies.sampler: must be one of"),
     ({"floor": 1.5}, r"protect.strategies.floor: must be in \[0, 1\]"),
+    ({"sharpness": 0}, r"protect.strategies.sharpness: must be in \(0, 16\]"),
     ({"smoothing": 0.0}, r"protect.strategies.smoothing: must be in \(0, 1\]"),
 ])
 def test_bad_family_configs_name_the_field(fields, message):

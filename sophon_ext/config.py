@@ -192,6 +192,9 @@ class FamilyConfig:
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
     sampler: Literal["uniform", "worst_case"] = "worst_case"
     floor: float = 0.3
+    #: worst_case draws in proportion to estimate ** sharpness: above 1 the few members that escape
+    #: most get most of the non-floor draws even among hundreds of members
+    sharpness: float = 1.0
     #: weight of the newest observation in a member's running escape estimate
     smoothing: float = 0.1
 
@@ -226,6 +229,7 @@ class FamilyConfig:
                     ok = len(spec) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in spec) and spec[0] <= spec[1]
                     _check(ok, where, f"hparams.{opt}.{name}", f"expected [low, high] with low <= high or a value, got {spec!r}")
         _check(0.0 <= self.floor <= 1.0, where, "floor", f"must be in [0, 1], got {self.floor}")
+        _check(0.0 < self.sharpness <= 16.0, where, "sharpness", f"must be in (0, 16], got {self.sharpness}")
         _check(0.0 < self.smoothing <= 1.0, where, "smoothing", f"must be in (0, 1], got {self.smoothing}")
         # every member must make a valid strategy: check each optimizer's hyperparameters at its range ends
         from .families import check_family

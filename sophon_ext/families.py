@@ -6,7 +6,7 @@ optimizer hyperparameters drawn from ranges. :class:`FamilySampler` draws
 strategies from it, uniformly or worst-case first: each member carries a
 running estimate of how far its simulated attackers escape (their
 suppression loss after fine-tuning: the higher, the closer the attacker is
-to a useful model), and draws are proportional to it, with a ``floor`` share
+to a useful model), and draws are proportional to it (to its ``sharpness``-th power), with a ``floor`` share
 spread uniformly so no member is ever left out. Escaping real attack probes
 raise a member's estimate (:meth:`FamilySampler.boost`).
 
@@ -86,7 +86,8 @@ class FamilySampler:
         known = [e for e in self.estimates if e is not None]
         # a member never observed counts as the worst seen so far: it gets drawn soon
         unknown = max(known) if known else 1.0
-        weights = [max(unknown if e is None else e, 0.0) + 1e-12 for e in self.estimates]
+        power = self.family.sharpness
+        weights = [max(unknown if e is None else e, 0.0) ** power + 1e-12 for e in self.estimates]
         total = sum(weights)
         floor = self.family.floor
         return [floor / m + (1.0 - floor) * w / total for w in weights]
