@@ -589,11 +589,7 @@ def _load_model_and_spec(path, model_name: str, model_kwargs: dict | None,
         tensors, spec, _ = ckpt.read_weights_file(path)
         spec = spec or fallback
     model = ckpt.build_from_spec(spec, f"model file: {path}")
-    problems = ckpt.weight_mismatches(model.state_dict(), tensors)
-    if problems:
-        raise ckpt.CheckpointError(f"model file: {path} does not fit the architecture "
-                                   f"{spec['name']}({spec.get('kwargs', {})}): {problems}")
-    model.load_state_dict(tensors)
+    ckpt.load_weights(model, tensors, f"model file: {path}", what=f"the architecture {spec['name']}({spec.get('kwargs', {})})")
     return model, spec
 
 

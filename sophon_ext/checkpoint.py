@@ -384,11 +384,11 @@ def _is_spec(spec) -> bool:
             and isinstance(spec.get("output_key", ""), str))
 
 
-def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """``model.load_state_dict(tensors)``, with one line naming what does not fit."""
+def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str, what: str = "the model") -> None:
+    """``model.load_state_dict(tensors)``, with one line naming what does not fit ``what``."""
     problems = weight_mismatches(model.state_dict(), tensors)
     if problems:
-        raise CheckpointError(f"{where}: does not fit the model ({problems})")
+        raise CheckpointError(f"{where}: does not fit {what} ({problems})")
     model.load_state_dict(tensors)
 
 

@@ -186,10 +186,12 @@ def build_from_spec(spec: dict, seed: int, device: str | torch.device) -> nn.Mod
 
 def load_model_file(path: str | Path, device: str | torch.device) -> tuple[nn.Module, dict]:
     """A model file written by :func:`sophon_ext.checkpoint.save_model`, with its spec."""
-    _, spec, _ = ckpt.read_model_file(path)
+    tensors, spec, _ = ckpt.read_model_file(path)  # a sophon model file, checksum verified
     if not spec:
         raise ckpt.CheckpointError(f"model file: {path} has no model spec; rebuild it with sophon pretrain")
-    return ckpt.load_model(path, map_location=device), spec
+    model = ckpt.build_from_spec(spec, f"model file: {path}")
+    ckpt.load_weights(model, tensors, f"model file: {path}")
+    return model.to(device), spec
 
 
 def load_pretrained(config: Config, domains=None) -> tuple[nn.Module, dict, tuple[DomainSplits, DomainSplits] | None]:
