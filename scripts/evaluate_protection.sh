@@ -5,6 +5,7 @@
 #   3. the held-out red-team attacks (scripts/red_team.py),
 # then one line per part: how many attacks escape. Usage:
 #   bash scripts/evaluate_protection.sh OUT [sophon demo options, e.g. --preset strong --seed 1]
+# RED_TEAM=0 skips part 3 (on MNIST as the restricted domain it takes about an hour on 2 cores).
 # Needs the Quickstart's .venv (bash scripts/setup.sh). Everything lands under OUT/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ for grid in default methods; do
     --original "builtin:$original" --restricted "builtin:$restricted" --preset "$grid" --out "$out/grid_$grid" \
     --no-progress > "$out/grid_$grid.txt"
 done
-"$venv/bin/python" scripts/red_team.py --protected "$out/protected.safetensors" --unprotected "$out/pretrained.safetensors" \
+[ "${RED_TEAM:-1}" = 0 ] || "$venv/bin/python" scripts/red_team.py --protected "$out/protected.safetensors" --unprotected "$out/pretrained.safetensors" \
   --original "$original" --restricted "$restricted" --out "$out/red_team" --threads "$("$venv/bin/python" -c "import torch; print(torch.get_num_threads())")" --no-progress > "$out/red_team.txt"
 (cd / && "$venv/bin/python" - "$OLDPWD/$out" <<'PY'
 import json, sys
@@ -31,9 +32,12 @@ for grid in ("default", "methods"):
     attacks = json.loads((out / f"grid_{grid}" / "report.json").read_text())["attacks"]
     escaped = [a["name"] for a in attacks if a["summary"]["escape"]]
     print(f"grid {grid}: {len(escaped)} of {len(attacks)} attacks escape" + (": " + ", ".join(escaped) if escaped else ""))
-red = json.loads((out / "red_team" / "red_team.json").read_text())
-rows = red["rows"]
-escaped = [r["name"] for r in rows if r.get("escape")]
-print(f"red team: {len(escaped)} of {len(rows)} held-out attacks escape" + (": " + ", ".join(escaped) if escaped else ""))
+red = out / "red_team" / "red_team.json"
+if red.exists():
+    rows = json.loads(red.read_text())["rows"]
+    escaped = [r["name"] for r in rows if r.get("escape")]
+    print(f"red team: {len(escaped)} of {len(rows)} held-out attacks escape" + (": " + ", ".join(escaped) if escaped else ""))
+else:
+    print("red team: not run (RED_TEAM=0)")
 PY
 ) | tee "$out/escapes.txt"
