@@ -290,16 +290,22 @@ def test_resume_skips_finished_attacks_and_reruns_only_the_protected_column(digi
     assert len(calls) == 2 * 3
     runs = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").iterdir()}
     calls.clear()
-    second = run_attacks(tiny_model(10), tiny_model(11), None, train, test, TASK, tiny_grid(), **kwargs)
+    with pytest.raises(ValueError, match="holds another run's files .*resume=True"):  # a fresh run is not mixed in
+        run_attacks(tiny_model(10), tiny_model(11), None, train, test, TASK, tiny_grid(), **kwargs)
+    assert calls == []
+    second = run_attacks(tiny_model(10), tiny_model(11), None, train, test, TASK, tiny_grid(), resume=True, **kwargs)
     assert calls == [] and second["attacks"] == first["attacks"]
     assert runs == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").iterdir()}
     # a new protected model: only its column is trained again
-    third = run_attacks(tiny_model(12), tiny_model(11), None, train, test, TASK, tiny_grid(), **kwargs)
+    third = run_attacks(tiny_model(12), tiny_model(11), None, train, test, TASK, tiny_grid(), resume=True, **kwargs)
     assert len(calls) == 2
     assert [a["curves"]["scratch"] for a in third["attacks"]] == [a["curves"]["scratch"] for a in first["attacks"]]
     calls.clear()
-    run_attacks(tiny_model(12), tiny_model(11), None, train, test, TASK, tiny_grid(), resume=False, **kwargs)
-    assert len(calls) == 2 * 3
+    (tmp_path / "runs" / "unrelated.json").write_text("{}")  # not this grid's: kept
+    run_attacks(tiny_model(12), tiny_model(11), None, train, test, TASK, tiny_grid(), overwrite=True, **kwargs)
+    assert len(calls) == 2 * 3 and (tmp_path / "runs" / "unrelated.json").exists()
+    with pytest.raises(ValueError, match="give one of them"):
+        run_attacks(tiny_model(12), None, None, train, test, TASK, tiny_grid(), resume=True, overwrite=True, **kwargs)
 
 
 def test_shards_split_the_grid_and_the_last_one_writes_the_report(digits, tmp_path):
@@ -398,7 +404,7 @@ def test_cli_runs_a_grid_from_model_files(tmp_path, capsys):
     (tmp_path / "grid.yaml").write_text("attack_grid:\n  methods: [full]\n  optimizers: [adam]\n  lrs: [0.01]\n"
                                         "  batch_sizes: [256]\n  epochs: [1]\n")
     args = _parse(["--protected", str(tmp_path / "protected.safetensors"), "--unprotected",
-                   str(tmp_path / "unprotected.safetensors"), "--config", str(tmp_path / "grid.yaml"),
+                   str(tmp_path / "unprotected.safetensors"), "--grid", str(tmp_path / "grid.yaml"),
                    "--image-size", "8", "--out", str(tmp_path / "out"), "--no-progress", "--no-plots"])
     assert run_attack_cli(args) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -414,6 +420,49 @@ def test_cli_runs_a_grid_from_model_files(tmp_path, capsys):
     assert run_attack_cli(_parse(["--protected", str(tmp_path / "missing.safetensors")])) == 2
     with pytest.raises(ValueError, match="RANK/WORLD"):
         attack_module._parse_shard("1of2")
+
+
+def test_cli_reads_a_run_config_and_follows_the_output_directory_rule(tmp_path, capsys, monkeypatch):
+    from sophon_ext.config import Config, save_config
+
+    spec = {"name": "small_cnn", "kwargs": {"width": 4, "depth": 2}}
+    checkpoint.save_model(tmp_path / "protected.safetensors", tiny_model(20), spec)
+    data = {"original": {"name": "digits", "image_size": 8, "limit": 120},
+            "restricted": {"name": "digits", "image_size": 8, "limit": 100}}
+    config = Config().replace({"model": spec, "data": data,
+                               "attack": {"epochs": 1, "attacks": [{"method": "head_only", "optimizer": "sgd", "lr": 0.05}]}})
+    save_config(config, tmp_path / "run.yaml")
+    out = tmp_path / "out"
+    argv = ["--protected", str(tmp_path / "protected.safetensors"), "--config", str(tmp_path / "run.yaml"),
+            "--out", str(out), "--no-progress", "--no-plots"]
+    assert run_attack_cli(_parse(argv)) == 0
+    report = json.loads((out / "report.json").read_text())
+    # the config's attack section is the grid; its domains give the restricted data and the original accuracy
+    assert [a["method"] for a in report["attacks"]] == ["head_only"] and report["attacks"][0]["optimizer"] == "sgd"
+    assert report["config"]["data"]["restricted_train"] == 70 and report["config"]["data"]["original_test"] == 24
+    assert report["original_domain"] is not None and report["config"]["sophon"]["data"]["restricted"]["limit"] == 100
+
+    # a fresh run into the same --out is refused; --resume reuses the results; --overwrite trains again
+    capsys.readouterr()
+    assert run_attack_cli(_parse(argv)) == 2
+    assert "holds another run's files (runs/" in capsys.readouterr().err
+    trained = []
+    real = attack_module.fine_tune
+    monkeypatch.setattr(attack_module, "fine_tune", lambda *a, **k: trained.append(1) or real(*a, **k))
+    assert run_attack_cli(_parse(argv + ["--resume"])) == 0 and trained == []
+    assert run_attack_cli(_parse(argv + ["--overwrite"])) == 0 and len(trained) == 2
+
+    # --set overrides the config; explicit options win over both
+    argv = argv[:-4] + ["--out", str(tmp_path / "o2"), "--no-progress", "--no-plots"]
+    assert run_attack_cli(_parse(argv + ["--set", "data.restricted.limit=60", "--set", "attack.epochs=2",
+                                         "--preset", "quick", "--epochs", "1"])) == 0
+    report = json.loads((tmp_path / "o2" / "report.json").read_text())
+    assert report["config"]["data"]["restricted_train"] == 42 and all(a["epochs"] == 1 for a in report["attacks"])
+    assert len(report["attacks"]) == len(expand_grid({"preset": "quick", "epochs": [1]}))
+    with pytest.raises(SystemExit):  # argparse: --mode takes only the tasks that exist
+        _parse(argv + ["--mode", "segmentation"])
+    assert run_attack_cli(_parse(argv + ["--mode", "generation", "--overwrite"])) == 2
+    assert "--mode: generation contradicts mode 'classification'" in capsys.readouterr().err
 
 
 def test_paper_and_default_presets_are_well_formed():

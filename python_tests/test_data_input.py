@@ -123,7 +123,7 @@ def test_attacks_on_a_dataset_equal_attacks_on_tensors(tmp_path):
     assert report["diagnostics"]["zero_fraction"] == reference["diagnostics"]["zero_fraction"]
     # a second run finds the cached results (the data read on demand hashes the same)
     again = run_attacks(model_for_test(), None, None, lazy_train, lazy_test, task, grid, out_dir=tmp_path,
-                        progress=False, plots=False, diagnostics=False)
+                        resume=True, progress=False, plots=False, diagnostics=False)
     assert again["attacks"][0]["curves"] == report["attacks"][0]["curves"]
 
 

@@ -95,7 +95,7 @@ def attack_argv(directory: Path, out: Path) -> list[str]:
         grid.write_text(json.dumps(ATTACK_GRID))
     model = str(directory / "model.safetensors")
     return ["attack", "--protected", model, "--unprotected", model, "--restricted", str(directory / "restricted.npz"),
-            "--original", str(directory / "original.npz"), "--config", str(grid), "--out", str(out),
+            "--original", str(directory / "original.npz"), "--grid", str(grid), "--out", str(out),
             "--no-plots", "--no-progress"]
 
 

@@ -398,7 +398,7 @@ def test_attack_cli_reports_wrong_input_in_one_line_and_lets_bugs_through(tmp_pa
     grid = tmp_path / "grid.yaml"
     grid.write_text("methods: [full]\noptimizers: [adam]\nlrs: [-1]\n")
     args = _attack_args("--protected", str(path), "--model", NET, "--model-kwargs", '{"hidden": 4}',
-                        "--config", str(grid), "--image-size", "8", "--out", str(tmp_path / "a"))
+                        "--grid", str(grid), "--image-size", "8", "--out", str(tmp_path / "a"))
     assert run_attack_cli(args) == 2
     assert "lr: must be a positive number" in capsys.readouterr().err
 
@@ -449,7 +449,7 @@ def test_protect_resume_and_attack_a_model_given_by_reference(tmp_path):
                                         "epochs: [1]\n")
     attack = run_cli("attack", "--protected", "prot/protected.safetensors", "--unprotected", "pre.pt",
                      "--model", NET, "--model-kwargs", '{"hidden": 4, "output": "object", "num_classes": 4}',
-                     "--restricted", "restricted.npz", "--config", "grid.yaml", "--image-size", "8", "--out", "att",
+                     "--restricted", "restricted.npz", "--grid", "grid.yaml", "--image-size", "8", "--out", "att",
                      "--no-plots", "--no-progress", cwd=tmp_path)
     assert attack.returncode == 0, attack.stderr
     report = yaml.safe_load((tmp_path / "att" / "report.json").read_text())

@@ -295,7 +295,8 @@ def _read_json(path: Path):
 
 def run_attacks(protected: nn.Module, unprotected: nn.Module | None, scratch_factory: Callable[[], nn.Module] | None,
                 restricted_train, restricted_test, task=None, grid="quick", *, original_test=None,
-                out_dir: str | Path | None = None, resume: bool = True, shard: tuple[int, int] | None = None,
+                out_dir: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+                shard: tuple[int, int] | None = None,
                 device: str | torch.device | None = None, head: str | None = None, diagnostics: bool = True,
                 plots: bool = True, progress: bool | None = None, command: str | None = None,
                 config: dict | None = None, jobs: int = 1) -> dict:
@@ -311,8 +312,11 @@ def run_attacks(protected: nn.Module, unprotected: nn.Module | None, scratch_fac
     ``progress``: a progress bar (default: when stderr is a terminal).
     ``task``: a task plug-in (default classification). ``grid``: see
     :func:`load_grid`. With ``out_dir``, per-attack results and curve caches are
-    written there (resumed unless ``resume=False``), and once every attack of
-    the grid has a result, report.json, curves.csv, summary.md and the plots.
+    written there, and once every attack of the grid has a result, report.json,
+    curves.csv, summary.md and the plots. A fresh run refuses an ``out_dir``
+    holding results of its attacks from an earlier run: ``resume=True`` reuses
+    those whose models, data and attack match (the rest are trained),
+    ``overwrite=True`` replaces them.
     ``shard=(rank, world)`` runs only attacks ``i`` with ``i % world == rank``.
     Under torchrun (``shard`` None), the ranks share the grid out the same way,
     gather every result, and each returns the full report (rank 0 writes it).
@@ -364,6 +368,9 @@ def run_attacks(protected: nn.Module, unprotected: nn.Module | None, scratch_fac
         return scratch_models[seed]
 
     mine = [s for i, s in enumerate(specs) if world_rank is None or i % world_rank[1] == world_rank[0]]
+    if out is not None:
+        # each process claims what only it writes: its attacks' results, and the report when it writes it
+        _claim_results(out, mine, report=shard is None and comm.is_main, resume=resume, overwrite=overwrite)
     jobs_args = []
     for spec in mine:
         models = {**starts, "scratch": scratch_for(spec.seed)[0]}
@@ -421,6 +428,28 @@ def run_attacks(protected: nn.Module, unprotected: nn.Module | None, scratch_fac
     if out is not None and complete and comm.is_main:
         write_outputs(report, out, plots=plots)
     return report
+
+
+#: the files a finished grid writes under ``out_dir`` besides its per-attack results
+REPORT_FILES = ("report.json", "summary.md", "curves.csv", "curves.png", "heatmap.png", "diagnostics.png")
+
+
+def _claim_results(out: Path, specs: list[AttackSpec], report: bool, resume: bool, overwrite: bool) -> None:
+    """The output-directory rule of every sophon job, for an attack run's files in ``out``."""
+    from .checkpoint import check_output_dir, refuse_previous_run, remove_run_files
+
+    if resume and overwrite:
+        raise UserInputError("resume, overwrite: give one of them (resume continues the run, overwrite replaces it)")
+    outputs = {f"runs/{spec.name}.json": "file" for spec in specs}
+    if report:
+        outputs.update(dict.fromkeys(REPORT_FILES, "file"))
+    existing = check_output_dir(out, outputs, option="out_dir")
+    if resume or not existing:
+        return
+    if not overwrite:
+        refuse_previous_run(out, existing, option="out_dir", remedy="continue it with resume=True (sophon attack "
+                            "--resume), or replace it with overwrite=True (--overwrite)")
+    remove_run_files(out, existing)
 
 
 def _attack_record(spec: AttackSpec, models: dict[str, nn.Module], keys: dict[str, str], task, train: ArrayDataset,
@@ -517,45 +546,96 @@ def _progress(items, enabled: bool, total: int | None = None):
 # ---------------------------------------------------------------- command line
 
 def add_attack_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the options of ``sophon attack`` to ``parser``."""
+    """Add the options of ``sophon attack`` to ``parser``.
+
+    As in the other commands, ``--config`` / ``--set`` give a sophon run config (e.g. a run's
+    ``config.yaml``): its ``data`` names both domains, its ``model`` the architecture of files
+    without a model spec, and its ``attack`` section is the grid when neither ``--preset`` nor
+    ``--grid`` is given. Options given on the command line win over the config."""
     parser.add_argument("--protected", required=True,
                         help="the protected model: a model file (sophon_ext.checkpoint.save_model), a plain "
                              "state dict (.safetensors, or .pt/.pth read with weights_only=True; with --model), "
                              "or a checkpoint directory")
     parser.add_argument("--unprotected", help="the unprotected pre-trained model (same forms as --protected)")
-    parser.add_argument("--model", default="small_cnn",
+    parser.add_argument("--config", help="sophon run config file (YAML or JSON, see `sophon config`): domains, "
+                                         "architecture, mode, device and, without --preset/--grid, the grid")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a run-config key, e.g. --set data.restricted.name=mnist (repeatable)")
+    parser.add_argument("--model", default=None,
                         help="the architecture of files that carry no model spec: a registry name, "
-                             "package.module:callable, torchvision:NAME or timm:NAME (default: small_cnn)")
-    parser.add_argument("--model-kwargs", default='{"width": 16, "depth": 3}', type=json.loads,
-                        help="JSON keyword arguments of --model (default: '{\"width\": 16, \"depth\": 3}')")
-    parser.add_argument("--output-key", default="logits",
+                             "package.module:callable, torchvision:NAME or timm:NAME (default: the config's, "
+                             f"else {CLI_DEFAULTS['model']})")
+    parser.add_argument("--model-kwargs", default=None, type=json.loads,
+                        help="JSON keyword arguments of --model (default: the config's, else "
+                             f"'{json.dumps(CLI_DEFAULTS['model_kwargs'])}')")
+    parser.add_argument("--output-key", default=None,
                         help="where a --model given by reference keeps its logits when it returns a mapping or "
                              "an object (default: logits)")
-    parser.add_argument("--restricted", default="builtin:digits",
+    parser.add_argument("--restricted", default=None,
                         help="restricted domain: builtin:digits, builtin:mnist, an ImageFolder directory, an .npz "
                              "with arrays x and y, or package.module:callable returning a Dataset, DataLoader or "
-                             "(x, y) (default: builtin:digits)")
-    parser.add_argument("--original", help="original domain (same forms), for its accuracy and the diagnostics")
-    parser.add_argument("--image-size", type=int, default=16, help="image side for built-in and folder data (default 16)")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="held-out validation fraction, unused here (default 0.1)")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="test fraction of each domain (default 0.2)")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split (default 0)")
+                             "(x, y) (default: the config's, else builtin:digits)")
+    parser.add_argument("--original", help="original domain (same forms), for its accuracy and the diagnostics "
+                                           "(default: the config's, else none)")
+    parser.add_argument("--image-size", type=int, default=None, help="image side for built-in and folder data (default 16)")
+    parser.add_argument("--val-fraction", type=float, default=None, help="held-out validation fraction, unused here (default 0.1)")
+    parser.add_argument("--test-fraction", type=float, default=None, help="test fraction of each domain (default 0.2)")
+    parser.add_argument("--split-seed", type=int, default=None, help="seed of the train/val/test split (default 0)")
     grid = parser.add_mutually_exclusive_group()
-    grid.add_argument("--preset", default=None, help=f"named grid: {', '.join(sorted(GRID_PRESETS))} (default: default)")
-    grid.add_argument("--config", help="grid config file (YAML or JSON; see sophon_ext.attack.expand_grid)")
+    grid.add_argument("--preset", default=None, help=f"named grid: {', '.join(sorted(GRID_PRESETS))} (default: the "
+                                                     "config's attack section with --config/--set, else default)")
+    grid.add_argument("--grid", help="grid file (YAML or JSON; see sophon_ext.attack.expand_grid)")
     parser.add_argument("--epochs", type=int, help="override the grid's epochs")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the grid's seeds")
-    parser.add_argument("--mode", default="classification", help="task: classification (default) or generation")
+    parser.add_argument("--mode", choices=("classification", "generation"), default=None,
+                        help="task (default: the config's, else classification)")
     parser.add_argument("--head", help="module name of the classifier head, when it cannot be found")
-    parser.add_argument("--out", default="runs/attack", help="output directory (default runs/attack)")
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                        help="skip attacks whose results are already in --out (default: on)")
+    parser.add_argument("--out", default="runs/attack", help="output directory (default runs/attack); a fresh run "
+                                                             "refuses one holding another attack run's results")
+    run = parser.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out: reuse the results whose models, data and attack match")
+    run.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     parser.add_argument("--shard", help="RANK/WORLD: run only attacks i with i %% WORLD == RANK")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes, one attack at a time each (default 1)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", default=None, help="torch device (default: the config's, else cpu)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
+
+
+#: what ``sophon attack`` uses for an option given neither on the command line nor by a run config
+CLI_DEFAULTS = {"model": "small_cnn", "model_kwargs": {"width": 16, "depth": 3}, "output_key": "logits",
+                "image_size": 16, "val_fraction": 0.1, "test_fraction": 0.2, "split_seed": 0,
+                "mode": "classification", "device": "cpu"}
+
+
+def run_config_of(args: argparse.Namespace):
+    """The sophon run config of ``--config`` / ``--set`` (None when neither is given)."""
+    if not args.config and not args.set:
+        return None
+    from .cli import _default_config, overrides_from_sets
+    from .config import load_config
+
+    config = load_config(args.config) if args.config else _default_config(args.mode or "classification")
+    if args.mode is not None and args.mode != config.mode:
+        raise UserInputError(f"--mode: {args.mode} contradicts mode {config.mode!r} of the run config")
+    return config.replace(overrides_from_sets(args.set)) if args.set else config
+
+
+def resolved_options(args: argparse.Namespace, config) -> argparse.Namespace:
+    """``args`` with each option left out taken from the run config, else from :data:`CLI_DEFAULTS`."""
+    base = dict(CLI_DEFAULTS)
+    if config is not None:
+        data = config.data
+        base.update(model=config.model.name, model_kwargs=config.model.kwargs, output_key=config.model.output_key,
+                    image_size=data.restricted.image_size, val_fraction=data.val_fraction,
+                    test_fraction=data.test_fraction, split_seed=data.split_seed, mode=config.mode,
+                    device=config.device)
+        if args.head is None:
+            base["head"] = config.model.head
+    given = {key: value for key, value in vars(args).items() if value is not None}
+    return argparse.Namespace(**{**vars(args), **base, **given})
 
 
 def load_model_file(path: str | Path, model_name: str = "small_cnn", model_kwargs: dict | None = None,
@@ -678,27 +758,42 @@ def _attack_from_args(args: argparse.Namespace) -> dict:
 
     from .models import model_from_spec
 
-    output_key = getattr(args, "output_key", "logits")
-    protected, spec = _load_model_and_spec(args.protected, args.model, args.model_kwargs, output_key)
-    unprotected = (load_model_file(args.unprotected, args.model, args.model_kwargs, output_key)
+    config = run_config_of(args)
+    args = resolved_options(args, config)
+    protected, spec = _load_model_and_spec(args.protected, args.model, args.model_kwargs, args.output_key)
+    unprotected = (load_model_file(args.unprotected, args.model, args.model_kwargs, args.output_key)
                    if args.unprotected else None)
     first = next(iter(protected.parameters()), None)
     grayscale = first is None or first.dim() < 2 or first.shape[1] == 1
-    restricted = _cli_domain("--restricted", args.restricted, args, grayscale)
-    original = _cli_domain("--original", args.original, args, grayscale).test if args.original else None
-    task = _cli_task(args.mode)
+    config_domains = None
+    if config is not None and (args.restricted is None or args.original is None):
+        from .workflow import load_domains
+
+        config_domains = load_domains(config)
+    if args.restricted is not None:
+        restricted = _cli_domain("--restricted", args.restricted, args, grayscale)
+    else:
+        restricted = config_domains[1] if config_domains else _cli_domain("--restricted", "builtin:digits", args, grayscale)
+    if args.original is not None:
+        original = _cli_domain("--original", args.original, args, grayscale).test
+    else:
+        original = config_domains[0].test if config_domains else None
+    task = _cli_task(args.mode) if config is None else _config_task(config)
     _check_model_fits(task, protected, restricted.train)
     if args.head is not None and args.head not in dict(protected.named_modules()):
         raise UserInputError(f"--head: {args.head!r} is not a module of the model; its modules with parameters: "
                              f"{surgery.parametrised_layers(protected)}")
     return run_attacks(
         protected, unprotected, partial(model_from_spec, spec), restricted.train, restricted.test, task,
-        _cli_grid(args), original_test=original, out_dir=args.out, resume=args.resume,
-        shard=_parse_shard(args.shard), device=args.device, head=args.head, plots=args.plots,
-        progress=args.progress, jobs=args.jobs,
+        _cli_grid(args, config), original_test=original, out_dir=args.out, resume=args.resume,
+        overwrite=args.overwrite, shard=_parse_shard(args.shard), device=args.device, head=args.head,
+        plots=args.plots, progress=args.progress, jobs=args.jobs,
         command="sophon attack " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["attack"] else sys.argv[1:]),
-        config={"protected": str(args.protected), "unprotected": args.unprotected, "restricted": args.restricted,
-                "original": args.original, "split_seed": args.split_seed, "image_size": args.image_size},
+        config={"protected": str(args.protected), "unprotected": args.unprotected,
+                "restricted": args.restricted or ("run config" if config is not None else "builtin:digits"),
+                "original": args.original or ("run config" if config is not None else None),
+                "split_seed": args.split_seed, "image_size": args.image_size,
+                **({"sophon": config.to_dict()} if config is not None else {})},
     )
 
 
@@ -714,6 +809,12 @@ def _cli_domain(option: str, source: str, args: argparse.Namespace, grayscale: b
         if is_user_error(exc):
             raise
         raise UserInputError(f"{option}: {describe(exc)}") from exc
+
+
+def _config_task(config):
+    from .tasks import make_task
+
+    return make_task(config.mode, **config.task)
 
 
 def _cli_task(mode: str):
@@ -739,15 +840,20 @@ def _check_model_fits(task, model: nn.Module, train) -> None:
         raise UserInputError(f"--restricted: the model cannot run on it: {describe(exc)}") from exc
 
 
-def _cli_grid(args: argparse.Namespace):
-    """The grid of ``--preset`` / ``--config``, with ``--epochs`` / ``--seeds`` applied."""
-    grid: dict = {"preset": args.preset or "default"}
-    if args.config:
-        path = Path(args.config)
+def _cli_grid(args: argparse.Namespace, config=None):
+    """The grid of ``--preset`` / ``--grid`` (else the run config's attack section, else the
+    default grid), with ``--epochs`` / ``--seeds`` applied."""
+    grid: dict | list = {"preset": args.preset or "default"}
+    if args.grid:
+        path = Path(args.grid)
         if not path.is_file():
-            raise FileNotFoundError(f"--config: no grid config file at {path}")
+            raise FileNotFoundError(f"--grid: no grid file at {path}")
         loaded = _read_grid_file(path)
         grid = loaded.get("attack_grid", loaded) if isinstance(loaded, dict) else loaded
+    elif args.preset is None and config is not None:
+        from .workflow import attack_grid
+
+        grid = attack_grid(config)
     if args.epochs is not None or args.seeds is not None:
         grid = dict(grid) if isinstance(grid, dict) else {"preset": grid}
         if args.epochs is not None:

@@ -40,6 +40,8 @@ EPILOG = """examples:
   sophon protect --config my.yaml --weights runs/pre/pretrained.safetensors --out runs/prot
   sophon protect --out runs/prot --resume          continue a killed run (config read from the checkpoint)
   sophon attack --protected runs/prot/protected.safetensors --unprotected runs/pre/pretrained.safetensors
+  sophon attack --config runs/demo/config.yaml --protected runs/demo/protected.safetensors --out runs/again
+                                                   the demo's attack check again, on the run config's data
 
 A fresh run refuses an --out holding another run's files: continue it with --resume
 or replace it with --overwrite. Input errors print one line and exit with 2 (set
@@ -441,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
             _apply_threads(build_config(args))
         else:
             _check_attack_device(args)
+            from .attack import run_config_of
+
+            if (attack_config := run_config_of(args)) is not None:
+                _apply_threads(attack_config)
         if args.command in ("protect", "attack"):
             distributed.setup()  # under torchrun: join the process group before any model is loaded
         elif args.command in ("demo", "pretrain") and distributed.launched_by_torchrun():
