@@ -209,7 +209,123 @@ def test_attack_cli_data_source_takes_a_python_reference(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "my_data", raising=False)
     data = load_domain("my_data:make")
     assert isinstance(data, MapDataset) and len(data) == 10 and data.num_classes == 2
-    with pytest.raises(ValueError, match="'my_data:nothing': module 'my_data' has no callable 'nothing'"):
+    with pytest.raises(ValueError, match="'my_data:nothing': module 'my_data' has no attribute 'nothing'"):
         load_domain("my_data:nothing")
     with pytest.raises(ValueError, match="cannot import module 'no_such_module_here'"):
         load_domain("no_such_module_here:make")
+
+
+def test_a_config_data_source_takes_a_python_reference_read_on_demand(tmp_path, monkeypatch):
+    from sophon_ext.config import ConfigError
+    from sophon_ext.workflow import load_domains, run_pretrain
+
+    (tmp_path / "config_data.py").write_text(
+        "import torch\n"
+        "from torch.utils.data import Dataset\n"
+        "class Noisy(Dataset):\n"
+        "    def __init__(self, n, shift):\n"
+        "        g = torch.Generator().manual_seed(n)\n"
+        "        self.y = torch.arange(n) % 3\n"
+        "        self.x = torch.randn(n, 1, 8, 8, generator=g) + self.y[:, None, None, None] * shift\n"
+        "    def __len__(self):\n"
+        "        return len(self.y)\n"
+        "    def __getitem__(self, i):\n"
+        "        return self.x[i] * 0.5, int(self.y[i])  # a transform applied on read\n"
+        "def make(n, shift=1.0):\n"
+        "    return Noisy(n, shift)\n"
+        "def broken(n):\n"
+        "    raise RuntimeError('no such data')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "config_data", raising=False)
+    data = {"original": {"source": "reference", "name": "config_data:make", "kwargs": {"n": 90}},
+            "restricted": {"source": "reference", "name": "config_data:make", "kwargs": {"n": 60, "shift": -1.0}, "limit": 50}}
+    model = {"name": "small_cnn", "kwargs": {"width": 4, "depth": 2}}
+    config = Config().replace({"data": data, "model": model, "pretrain": {"epochs": 1}})
+    original, restricted = load_domains(config)
+    assert isinstance(original.train, MapDataset) and len(original.train) + len(original.val) + len(original.test) == 90
+    assert len(restricted.train) + len(restricted.val) + len(restricted.test) == 50
+    x, y = original.test.gather(torch.arange(3))
+    import config_data
+
+    whole = config_data.make(90)
+    position = original.test.indices[:3]
+    assert torch.equal(x, whole.x[position] * 0.5) and torch.equal(y, whole.y[position])
+    outcome = run_pretrain(config, None, (original, restricted))  # trains and evaluates batch by batch
+    assert 0.0 <= outcome.metric <= 1.0 and outcome.spec["kwargs"]["num_classes"] == 3
+
+    bad = {"source": "reference", "name": "config_data:broken", "kwargs": {"n": 3}}
+    with pytest.raises(ValueError, match="data.original.name: config_data:broken.*raised RuntimeError: no such data"):
+        load_domains(config.replace({"data": {"original": bad}}))
+    for override, message in (
+        ({"source": "reference", "name": "not a reference"}, "data.original.name: expected package.module:callable"),
+        ({"source": "builtin", "name": "digits", "kwargs": {"n": 1}}, "data.original.kwargs: applies to source 'reference'"),
+        ({"source": "builtin", "name": "digits", "lazy": True}, "data.original.lazy: applies to source 'image_folder'"),
+        ({"source": "image_folder", "path": "x", "transform": "nope"}, "data.original.transform: expected package.module:name"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            Config().replace({"data": {"original": override}})
+
+
+def _write_folder(root, sizes=((5, 7), (9, 4), (6, 6))):
+    import numpy as np
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    for label in ("ant", "bee"):
+        (root / label).mkdir(parents=True)
+        for i, (h, w) in enumerate(sizes):
+            Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+    (root / "bee" / "notes.txt").write_text("not an image")
+
+
+class StandInImageFolder(Dataset):
+    """torchvision.datasets.ImageFolder's documented contract, for machines whose torchvision cannot
+    load (the real one is used when it imports): sorted class directories, files kept by
+    ``is_valid_file``, ``targets``, samples read by ``loader`` and passed through ``transform``."""
+
+    def __init__(self, root, transform=None, loader=None, is_valid_file=None, allow_empty=False):
+        from pathlib import Path
+
+        classes = sorted(d.name for d in Path(root).iterdir() if d.is_dir())
+        self.samples = [(str(p), i) for i, name in enumerate(classes) for p in sorted((Path(root) / name).rglob("*"))
+                        if p.is_file() and is_valid_file(str(p))]
+        self.targets = [target for _, target in self.samples]
+        self.transform, self.loader, self.target_transform = transform, loader, None
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        return self.transform(self.loader(path)), target
+
+
+def test_image_folder_in_memory_and_on_demand_give_the_same_tensors(tmp_path, monkeypatch):
+    import types
+
+    from sophon_ext import data as data_module
+
+    pytest.importorskip("PIL")
+    _write_folder(tmp_path / "f")
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as on a machine without torchvision
+    in_memory = data_module.image_folder(tmp_path / "f", 4, grayscale=True)
+    assert isinstance(in_memory, ArrayDataset) and in_memory.x.shape == (6, 1, 4, 4)
+    assert in_memory.y.tolist() == [0, 0, 0, 1, 1, 1] and in_memory.x.min() >= -1 and in_memory.x.max() <= 1
+    with pytest.raises(ValueError, match="needs torchvision: pip install torchvision"):
+        data_module.image_folder(tmp_path / "f", 4, lazy=True)
+    monkeypatch.delitem(sys.modules, "torchvision")
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001 - absent, or a build that does not load with this torch
+        monkeypatch.setitem(sys.modules, "torchvision",
+                            types.SimpleNamespace(datasets=types.SimpleNamespace(ImageFolder=StandInImageFolder)))
+    on_demand = data_module.image_folder(tmp_path / "f", 4, grayscale=True, lazy=True)
+    assert isinstance(on_demand, MapDataset) and len(on_demand) == 6
+    assert torch.equal(on_demand.head(6).x, in_memory.x) and torch.equal(on_demand.labels(), in_memory.y)
+    auto = data_module.image_folder(tmp_path / "f", 4, grayscale=True)  # small: loaded into memory
+    assert isinstance(auto, ArrayDataset) and torch.equal(auto.x, in_memory.x)
+    monkeypatch.setattr(data_module, "IN_MEMORY_IMAGES", 5)
+    assert isinstance(data_module.image_folder(tmp_path / "f", 4), MapDataset)
+    flipped = data_module.image_folder(tmp_path / "f", 4, transform=lambda img: torch.full((1, 2, 2), float(img.size[0])))
+    assert flipped.head(6).x[:, 0, 0, 0].tolist() == [7.0, 4.0, 6.0] * 2  # the image widths, read by the transform

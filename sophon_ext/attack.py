@@ -23,7 +23,6 @@ import copy
 import hashlib
 import itertools
 import json
-import re
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -673,22 +672,19 @@ def _load_model_and_spec(path, model_name: str, model_kwargs: dict | None,
     return model, spec
 
 
-#: ``package.module:callable``, a Python reference to a function that returns a domain's data
-_DATA_REFERENCE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
-
-
 def load_domain(source: str, image_size: int = 16, grayscale: bool = True) -> ArrayDataset | MapDataset:
     """A dataset from ``builtin:NAME``, an ImageFolder directory, an ``.npz`` with arrays x and y,
     or ``package.module:callable``: a function called without arguments that returns anything
     :func:`sophon_ext.data.as_dataset` accepts (a map-style Dataset or a DataLoader with its
     transforms, read batch by batch; an ``(x, y)`` pair; an ArrayDataset)."""
-    from .data import from_arrays, image_folder, load_builtin
+    from .data import dataset_from_reference, from_arrays, image_folder, load_builtin
+    from .references import is_python_reference
 
     if source.startswith("builtin:"):
         return load_builtin(source.split(":", 1)[1], image_size=image_size)
     path = Path(source)
-    if not path.exists() and _DATA_REFERENCE.fullmatch(source):
-        return as_dataset(_call_reference(source), source)
+    if not path.exists() and is_python_reference(source):
+        return dataset_from_reference(source)
     if path.is_dir():
         return image_folder(path, image_size, grayscale=grayscale)
     if path.suffix == ".npz" and path.is_file():
@@ -700,21 +696,6 @@ def load_domain(source: str, image_size: int = 16, grayscale: bool = True) -> Ar
             return from_arrays(arrays["x"], arrays["y"])
     raise ValueError(f"data: {source!r} is not builtin:<name>, an ImageFolder directory, an existing .npz file "
                      "or package.module:callable")
-
-
-def _call_reference(reference: str):
-    """Import ``package.module`` and call its ``callable`` without arguments."""
-    import importlib
-
-    module_name, _, attribute = reference.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"data: {reference!r}: cannot import module {module_name!r} ({exc}; is it on PYTHONPATH?)") from None
-    function = getattr(module, attribute, None)
-    if not callable(function):
-        raise ValueError(f"data: {reference!r}: module {module_name!r} has no callable {attribute!r}")
-    return function()
 
 
 def _parse_shard(text: str | None) -> tuple[int, int] | None:

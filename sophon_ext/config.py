@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional, Union
 from .errors import UserInputError, UserInputTypeError
 
 MODES = ("classification", "generation")
-DATA_SOURCES = ("builtin", "image_folder", "torchvision", "arrays")
+DATA_SOURCES = ("builtin", "image_folder", "torchvision", "arrays", "reference")
 #: seeds must fit every generator they feed (torch, numpy), with room for per-iteration offsets
 MAX_SEED = 2**32 - 1
 #: the largest image side a data set may be resized to
@@ -46,11 +46,17 @@ class DatasetConfig:
     ``source``: ``"builtin"`` (``name`` is ``"mnist"`` or ``"digits"``, shipped in
     installed packages), ``"image_folder"`` (``path`` is root/<class>/<image>),
     ``"torchvision"`` (``name`` is the class, e.g. ``"CIFAR10"``, already on disk
-    under ``path``; never downloads) or ``"arrays"`` (``path`` is an ``.npz`` with
-    arrays ``x`` and ``y``).
+    under ``path``; never downloads), ``"arrays"`` (``path`` is an ``.npz`` with
+    arrays ``x`` and ``y``) or ``"reference"`` (``name`` is ``package.module:callable``,
+    called with ``kwargs``, returning a map-style Dataset, a DataLoader or an ``(x, y)``
+    pair; a Dataset or DataLoader is read batch by batch, its transforms applied).
+    An image folder with torchvision installed can be read on demand (``lazy``; by
+    default only above :data:`sophon_ext.data.IN_MEMORY_IMAGES` images) and through a
+    ``transform`` (``package.module:name`` of a callable on PIL images, e.g. a torchvision
+    ``Compose``; replaces the resizing to ``image_size``).
     """
 
-    source: Literal["builtin", "image_folder", "torchvision", "arrays"] = "builtin"
+    source: Literal["builtin", "image_folder", "torchvision", "arrays", "reference"] = "builtin"
     name: Optional[str] = "mnist"
     path: Optional[str] = None
     image_size: int = 16
@@ -58,12 +64,28 @@ class DatasetConfig:
     train: bool = True
     #: keep at most this many samples (a seeded random subset); None keeps all
     limit: Optional[int] = None
+    #: image_folder: read images when their batch is drawn (null: only for large folders; needs torchvision)
+    lazy: Optional[bool] = None
+    #: image_folder: package.module:name of a transform applied to each PIL image (needs torchvision)
+    transform: Optional[str] = None
+    #: reference: keyword arguments of the callable ``name``
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
     def _validate(self, where: str) -> None:
+        from .references import is_python_reference
+
         _check(1 <= self.image_size <= MAX_IMAGE_SIZE, where, "image_size", f"must be in [1, {MAX_IMAGE_SIZE}], got {self.image_size}")
         _check(self.limit is None or self.limit >= 1, where, "limit", f"must be >= 1 or null, got {self.limit}")
-        if self.source in ("builtin", "torchvision"):
+        if self.source in ("builtin", "torchvision", "reference"):
             _check(bool(self.name), where, "name", f"is required for source {self.source!r}")
+        if self.source == "reference":
+            _check(is_python_reference(self.name), where, "name", f"expected package.module:callable, got {self.name!r}")
+        _check(self.source == "reference" or not self.kwargs, where, "kwargs", "applies to source 'reference' only")
+        for key in ("lazy", "transform"):
+            _check(self.source == "image_folder" or getattr(self, key) is None, where, key,
+                   "applies to source 'image_folder' only")
+        _check(self.transform is None or is_python_reference(self.transform), where, "transform",
+               f"expected package.module:name, got {self.transform!r}")
         if self.source in ("image_folder", "torchvision", "arrays"):
             _check(bool(self.path), where, "path", f"is required for source {self.source!r}")
         if self.source == "builtin":

@@ -293,38 +293,96 @@ def as_dataset(data, what: str = "data") -> "ArrayDataset | MapDataset":
     return dataset
 
 
-def image_folder(root: str | Path, image_size: int, grayscale: bool = False) -> ArrayDataset:
-    """Load an ImageFolder-style directory (root/<class>/<image>) into memory, scaled to [-1, 1]."""
+def dataset_from_reference(reference: str, kwargs: dict | None = None, field: str = "data") -> ArrayDataset | MapDataset:
+    """The data ``package.module:callable`` returns when called with ``kwargs``: anything
+    :func:`as_dataset` accepts. ``field`` names the option in errors."""
+    from .references import resolve
+
+    function = resolve(reference, field, "a callable returning data")
+    try:
+        data = function(**(kwargs or {}))
+    except Exception as exc:  # noqa: BLE001 - the user's function failed: say where
+        raise UserInputError(f"{field}: {reference}(**{kwargs or {}}) raised {type(exc).__name__}: {exc}") from exc
+    try:
+        return as_dataset(data, f"{field}: {reference}")
+    except (TypeError, ValueError) as exc:
+        raise UserInputError(str(exc)) from None
+
+
+#: the image files an image folder is read from
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+#: an image folder with at most this many images is loaded into memory (the fast path) unless told otherwise
+IN_MEMORY_IMAGES = 20_000
+
+
+def image_folder(root: str | Path, image_size: int, grayscale: bool = False, lazy: bool | None = None,
+                 transform=None) -> ArrayDataset | MapDataset:
+    """An ImageFolder-style directory (root/<class>/<image>), each image resized to
+    ``image_size`` and scaled to [-1, 1] (or passed through ``transform``, a callable on the PIL
+    image returning a tensor, e.g. a torchvision ``Compose``).
+
+    With torchvision installed, files are found by ``torchvision.datasets.ImageFolder``; a
+    folder of at most :data:`IN_MEMORY_IMAGES` images is then loaded into memory (an
+    :class:`ArrayDataset`), a larger one (or ``lazy=True``, or a ``transform``) is read batch by
+    batch (a :class:`MapDataset`). Without torchvision the folder is read into memory, and
+    ``lazy=True`` or a ``transform`` is an error naming the package to install. Both ways give
+    the same tensors for the same folder."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder: {root} is not a directory")
+    try:
+        import torchvision
+    except (ImportError, RuntimeError, OSError) as exc:  # absent, or a build that does not load with this torch
+        if lazy or transform is not None:
+            raise UserInputError("image folder: reading images on demand (lazy: true or a transform) needs "
+                                 f"torchvision: pip install torchvision (importing it: {exc})") from None
+        return _image_folder_in_memory(root, image_size, grayscale)
+    if not any(p.is_dir() for p in root.iterdir()):
+        raise UserInputError(f"image folder: {root} has no class sub-directories")
+    folder = torchvision.datasets.ImageFolder(
+        str(root), transform=transform if transform is not None else partial(_image_tensor, image_size=image_size,
+                                                                             grayscale=grayscale),
+        loader=_open_image, is_valid_file=lambda path: Path(path).suffix.lower() in IMAGE_SUFFIXES, allow_empty=True)
+    if len(folder) == 0:
+        raise UserInputError(f"image folder: no images found under {root}")
+    dataset = MapDataset(folder, what=f"image folder {root}")
+    if lazy or transform is not None or (lazy is None and len(folder) > IN_MEMORY_IMAGES):
+        return dataset
+    return dataset.head(len(dataset))
+
+
+def _image_folder_in_memory(root: Path, image_size: int, grayscale: bool) -> ArrayDataset:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise UserInputError(f"image folder: {root} has no class sub-directories")
     images, labels = [], []
-    suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
     for label, name in enumerate(classes):
         for path in sorted((root / name).iterdir()):
-            if path.suffix.lower() not in suffixes:
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            arr = _read_image(path, image_size, grayscale)
-            images.append(arr[None] if grayscale else arr.transpose(2, 0, 1))
+            images.append(_image_tensor(_open_image(path), image_size, grayscale))
             labels.append(label)
     if not images:
         raise UserInputError(f"image folder: no images found under {root}")
-    x = (torch.as_tensor(np.stack(images)) - 0.5) / 0.5
-    return ArrayDataset(x, torch.as_tensor(labels))
+    return ArrayDataset(torch.stack(images), torch.as_tensor(labels))
 
 
-def _read_image(path: Path, image_size: int, grayscale: bool) -> np.ndarray:
-    """One image as (H, W) or (H, W, 3) floats in [0, 1]; an unreadable file is named."""
+def _open_image(path) -> "PIL.Image.Image":
+    """One image file, decoded; an unreadable file is named."""
     Image = require("PIL.Image", "images")
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if grayscale else "RGB").resize((image_size, image_size))
-            return np.asarray(img, dtype=np.float32) / 255.0
+            img.load()
+            return img
     except (OSError, ValueError, SyntaxError) as exc:  # what PIL's decoders raise on broken files
         raise UserInputError(f"image folder: {path} is not a readable image ({exc})") from None
+
+
+def _image_tensor(img, image_size: int, grayscale: bool) -> torch.Tensor:
+    """(C, H, W) floats in [-1, 1]: the image in L or RGB, resized (PIL's default filter)."""
+    arr = np.asarray(img.convert("L" if grayscale else "RGB").resize((image_size, image_size)), dtype=np.float32)
+    arr = arr[None] if grayscale else arr.transpose(2, 0, 1)
+    return (torch.as_tensor(arr / 255.0) - 0.5) / 0.5
 
 
 def torchvision_dataset(name: str, root: str | Path, train: bool = True, image_size: int | None = None) -> ArrayDataset:

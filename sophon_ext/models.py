@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import re
 from collections.abc import Mapping
 from typing import Callable
 
@@ -24,6 +23,7 @@ import torch.fx
 from torch import nn
 
 from .errors import UserInputError
+from .references import attribute_of, import_module, is_python_reference
 from .unet import TinyUNet  # generation mode's noise predictor, registered below
 from .resnet import ResNet  # the CIFAR-style ResNet scenario, registered below
 
@@ -141,8 +141,6 @@ MODEL_REGISTRY = {"small_cnn": SmallCNN, "tiny_unet": TinyUNet, "resnet": ResNet
 
 #: where a model built by reference keeps its logits when it returns a mapping or an object
 DEFAULT_OUTPUT_KEY = "logits"
-#: ``package.module:callable``; the callable may be a dotted attribute path (``mod:Class.build``)
-_REFERENCE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 #: what the data fills in when the config leaves it out: role -> argument name, per model hub
 _HUB_DATA_ARGUMENTS = {"torchvision": {"num_classes": "num_classes"},
                        "timm": {"in_channels": "in_chans", "num_classes": "num_classes"}}
@@ -151,7 +149,7 @@ _DATA_ROLES = ("in_channels", "num_classes")
 
 def is_reference(name: str) -> bool:
     """Whether ``name`` is a reference (``package.module:callable``, ``torchvision:NAME``, ``timm:NAME``)."""
-    return isinstance(name, str) and name not in MODEL_REGISTRY and _REFERENCE.fullmatch(name) is not None
+    return isinstance(name, str) and name not in MODEL_REGISTRY and is_python_reference(name)
 
 
 def _unknown_model(name) -> str:
@@ -170,6 +168,9 @@ def check_model_choice(name: str, kwargs, where: str = "model") -> None:
     _check_reference_kwargs(name, factory, kwargs, f"{where}.kwargs")
 
 
+MODEL_BUILDER = "a callable that builds a model"
+
+
 def resolve_reference(name: str) -> Callable[..., nn.Module]:
     """The callable a reference names, importing its module. Raises :class:`UserInputError`
     for an unknown name, a missing module, hub or callable, or an attribute that is not callable."""
@@ -177,13 +178,14 @@ def resolve_reference(name: str) -> Callable[..., nn.Module]:
         raise UserInputError(_unknown_model(name))
     hub, _, attribute = name.partition(":")
     if hub == "torchvision":
-        return _hub_attribute(name, _import_hub(name, "torchvision.models", "torchvision"), "torchvision.models", attribute)
+        return attribute_of(name, _import_hub(name, "torchvision.models", "torchvision"), "torchvision.models", attribute,
+                            "model.name", MODEL_BUILDER)
     if hub == "timm":
         timm = _import_hub(name, "timm", "timm")
         if hasattr(timm, "is_model") and not timm.is_model(attribute):
             raise UserInputError(f"model.name: {name!r}: timm has no model {attribute!r} (timm.list_models() lists them)")
         return functools.partial(timm.create_model, attribute)
-    return _hub_attribute(name, _import_user_module(name, hub), hub, attribute)
+    return attribute_of(name, import_module(name, hub, "model.name"), hub, attribute, "model.name", MODEL_BUILDER)
 
 
 def _import_hub(name: str, module: str, package: str):
@@ -193,33 +195,6 @@ def _import_hub(name: str, module: str, package: str):
         if (exc.name or "").partition(".")[0] == package:
             raise UserInputError(f"model.name: {name} needs {package}: pip install {package}") from None
         raise UserInputError(f"model.name: {name}: importing {module} failed ({exc})") from exc
-
-
-def _import_user_module(name: str, module: str):
-    # Importing runs the module's code: only name modules you trust (docs/USAGE.md).
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        missing = exc.name or ""
-        if missing and (module == missing or module.startswith(missing + ".")):
-            raise UserInputError(f"model.name: {name!r}: cannot import module {module!r} "
-                                 f"(no module named {missing!r}; is it on PYTHONPATH?)") from None
-        raise UserInputError(f"model.name: {name!r}: importing module {module!r} failed ({exc})") from exc
-    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
-        raise UserInputError(f"model.name: {name!r}: importing module {module!r} raised "
-                             f"{type(exc).__name__}: {exc}") from exc
-
-
-def _hub_attribute(name: str, module, module_name: str, attribute: str) -> Callable[..., nn.Module]:
-    target = module
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise UserInputError(f"model.name: {name!r}: module {module_name!r} has no attribute {attribute!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise UserInputError(f"model.name: {name!r}: {module_name}.{attribute} is a {type(target).__name__}, "
-                             "not a callable that builds a model")
-    return target
 
 
 def _check_reference_kwargs(name: str, factory: Callable, kwargs, where: str) -> None:

@@ -6,19 +6,19 @@ import torch
 from torch import nn
 
 from .config import PretrainConfig
-from .data import ArrayDataset
+from .data import ArrayDataset, MapDataset
 from .finetune import train_one_epoch
 from .optim.presets import make_torch_optimizer
-from .tasks import Task
+from .tasks import Task, evaluate_dataset
 
 
 def pretrain(
     model: nn.Module,
-    train: ArrayDataset,
+    train: ArrayDataset | MapDataset,
     task: Task,
     config: PretrainConfig | None = None,
     *,
-    val: ArrayDataset | None = None,
+    val: ArrayDataset | MapDataset | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> list[dict]:
@@ -33,7 +33,8 @@ def pretrain(
         raise ValueError("pretrain: training dataset is empty")
     device = next(model.parameters()).device
     train = train.to(device)
-    task.check_model(model, train.x, train.y)
+    sample = train.head(8)
+    task.check_model(model, sample.x, sample.y)
     generator = torch.Generator().manual_seed(seed)
     optimizer = make_torch_optimizer(config.optimizer, model.parameters(), config.lr)
     records = []
@@ -46,7 +47,7 @@ def pretrain(
         loss = train_one_epoch(model, task, train, optimizer, config.batch_size, generator, task.original_loss)
         record = {"epoch": epoch, "loss": loss}
         if val is not None and len(val):
-            metrics = task.evaluate(model, val.x.to(device), val.y.to(device), seed=seed)
+            metrics = evaluate_dataset(task, model, val.to(device), seed=seed)
             record.update({f"val_{k}": v for k, v in metrics.items()})
         records.append(record)
         if bar is not None:

@@ -32,10 +32,12 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import Config, DatasetConfig, save_config
-from .data import ArrayDataset, DomainSplits, domain_splits, load_builtin, split_sizes, torchvision_dataset
+from .data import (ArrayDataset, DomainSplits, MapDataset, dataset_from_reference, domain_splits, image_folder, load_builtin, split_sizes,
+                   torchvision_dataset)
 from .errors import UserInputError, describe
+from .references import resolve
 from .models import DEFAULT_OUTPUT_KEY, ModelOutputError, data_arguments, is_reference, model_from_spec
-from .tasks import Task, make_task
+from .tasks import Task, evaluate_dataset, make_task
 
 PRETRAINED_FILE = "pretrained.safetensors"
 PROTECTED_FILE = "protected.safetensors"
@@ -81,7 +83,8 @@ def check_data_fits(task: Task, model: nn.Module, domains: tuple[DomainSplits, D
     for name, domain in zip(("original", "restricted"), domains):
         data = domain.train
         try:
-            task.check_model(model, data.x[:8].to(device), data.y.to(device))
+            sample = data.head(8)
+            task.check_model(model, sample.x.to(device), data.labels().to(device))
         except ModelOutputError:
             raise  # names model.output_key: about the model, not this domain's data
         except (ValueError, TypeError, RuntimeError) as exc:
@@ -98,8 +101,10 @@ def _write_config(config: Config, out: Path) -> None:
 # ----------------------------------------------------------------------------- data
 
 
-def load_dataset(spec: DatasetConfig, seed: int = 0, where: str = "data") -> ArrayDataset:
-    """One domain's data as described by ``spec`` (never downloads); ``where`` names it in errors."""
+def load_dataset(spec: DatasetConfig, seed: int = 0, where: str = "data") -> ArrayDataset | MapDataset:
+    """One domain's data as described by ``spec`` (never downloads); ``where`` names it in errors.
+    In memory (:class:`ArrayDataset`), or read batch by batch (:class:`MapDataset`) for a
+    reference's Dataset or DataLoader and a lazily read image folder."""
     if spec.source == "builtin":
         dataset = load_builtin(spec.name, image_size=spec.image_size)
     elif spec.source == "torchvision":
@@ -107,13 +112,17 @@ def load_dataset(spec: DatasetConfig, seed: int = 0, where: str = "data") -> Arr
             dataset = torchvision_dataset(spec.name, spec.path, train=spec.train, image_size=spec.image_size)
         except (ValueError, RuntimeError) as exc:  # an unknown class, or no data on disk (never downloaded)
             raise UserInputError(f"{where}: torchvision {spec.name} under {spec.path}: {describe(exc)}") from None
-    elif spec.source in ("image_folder", "arrays"):
-        from .attack import load_domain  # ImageFolder / .npz reading lives there
+    elif spec.source == "image_folder":
+        path = Path(spec.path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"data path: {path} is not a directory (source image_folder)")
+        transform = resolve(spec.transform, f"{where}.transform", "a transform") if spec.transform else None
+        dataset = image_folder(path, spec.image_size, grayscale=spec.grayscale, lazy=spec.lazy, transform=transform)
+    elif spec.source == "arrays":
+        from .attack import load_domain  # .npz reading lives there
 
         path = Path(spec.path)
-        if spec.source == "image_folder" and not path.is_dir():
-            raise FileNotFoundError(f"data path: {path} is not a directory (source image_folder)")
-        if spec.source == "arrays" and not (path.is_file() and path.suffix == ".npz"):
+        if not (path.is_file() and path.suffix == ".npz"):
             raise FileNotFoundError(f"data path: {path} is not an .npz file (source arrays)")
         try:
             dataset = load_domain(str(path), image_size=spec.image_size, grayscale=spec.grayscale)
@@ -122,6 +131,8 @@ def load_dataset(spec: DatasetConfig, seed: int = 0, where: str = "data") -> Arr
         if dataset.x.dim() != 4:
             raise UserInputError(f"{where}.path: {path} holds x of shape {tuple(dataset.x.shape)} ({dataset.x.dtype}); "
                                  "expected images of shape (N, C, H, W)")
+    elif spec.source == "reference":
+        dataset = dataset_from_reference(spec.name, spec.kwargs, f"{where}.name")
     else:  # the config validates source; kept for direct callers
         raise ValueError(f"data source: unknown source {spec.source!r}")
     if len(dataset) == 0:
@@ -165,7 +176,7 @@ def model_spec(config: Config, original: DomainSplits, restricted: DomainSplits)
     them and the config leaves them out (:func:`sophon_ext.models.data_arguments` names them)."""
     kwargs = dict(config.model.kwargs)
     arguments = data_arguments(config.model.name)
-    x = original.train.x
+    x = original.train.head(1).x
     if "in_channels" in arguments and arguments["in_channels"] not in kwargs and x.dim() >= 2:
         kwargs[arguments["in_channels"]] = int(x.shape[1])
     if "num_classes" in arguments and arguments["num_classes"] not in kwargs:
@@ -243,7 +254,7 @@ def run_pretrain(config: Config, out: str | Path | None, domains=None, progress:
         ckpt.remove_run_files(out, previous)
         _write_config(config, Path(out))
     records = pretrain(model, original.train, task, config.pretrain, val=original.val, seed=config.seed, progress=progress)
-    metric = task.evaluate(model, original.test.x.to(config.device), original.test.y.to(config.device), seed=config.seed)[task.metric_name]
+    metric = evaluate_dataset(task, model, original.test.to(config.device), seed=config.seed)[task.metric_name]
     seconds = time.perf_counter() - started
     if out is not None:
         ckpt.save_model(Path(out) / PRETRAINED_FILE, model, spec, {"pretrain": records, f"test_{task.metric_name}": metric})
