@@ -80,10 +80,11 @@ def protect_in_process(config_path: Path, out: Path):
     """The Python API: Sophon on the config's data and model; returns (model, history)."""
     from sophon_ext.config import load_config
     from sophon_ext.engine import Sophon
-    from sophon_ext.workflow import load_domains, load_model_file
+    from sophon_ext.checkpoint import load_model
+    from sophon_ext.workflow import load_domains
 
     config = load_config(config_path)
-    model, _ = load_model_file(config.model.weights, config.device)
+    model = load_model(config.model.weights, map_location=config.device)
     original, restricted = load_domains(config)
     result = Sophon(model, original, restricted, config, out_dir=out).run()
     return model, result.history

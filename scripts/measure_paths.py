@@ -60,14 +60,14 @@ def measure_one(preset: str, sets: list[str], path: str, iterations: int, warmup
     import torch
 
     from sophon_ext.engine import Sophon
-    from sophon_ext.workflow import build_from_spec, load_domains, model_spec
+    from sophon_ext.workflow import init_model, load_domains, model_spec
 
     config = _config(preset, sets, path)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     original, restricted = load_domains(config)
     spec = model_spec(config, original, restricted)
-    model = build_from_spec(spec, config.seed, config.device)
+    model = init_model(spec, config.seed, config.device)
     before = _rss_mib()
     simulate_fn = None
     if path == TIMED_AUTO:

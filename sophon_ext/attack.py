@@ -639,37 +639,22 @@ def resolved_options(args: argparse.Namespace, config) -> argparse.Namespace:
 
 def load_model_file(path: str | Path, model_name: str = "small_cnn", model_kwargs: dict | None = None,
                     output_key: str = "logits") -> nn.Module:
-    """A model from a model file, a plain state dict (safetensors, ``.pt`` / ``.pth``) or a checkpoint directory.
-
-    The architecture comes from the file's model spec when it has one,
-    otherwise from ``model_name`` (a registry name or a reference, see
-    :mod:`sophon_ext.models`) / ``model_kwargs`` / ``output_key``. Raises
-    :class:`sophon_ext.checkpoint.CheckpointError` (a ValueError) naming the
-    missing, unexpected and resized weights when they do not fit the architecture.
-    """
+    """A model from a model file, a plain state dict (safetensors, ``.pt`` / ``.pth``) or a checkpoint
+    directory (:func:`sophon_ext.checkpoint.load_model_and_spec`), whose architecture is the file's
+    model spec or, for files without one, ``model_name`` (a registry name or a reference, see
+    :mod:`sophon_ext.models`) with ``model_kwargs`` and ``output_key``."""
     return _load_model_and_spec(path, model_name, model_kwargs, output_key)[0]
 
 
 def _load_model_and_spec(path, model_name: str, model_kwargs: dict | None,
                          output_key: str = "logits") -> tuple[nn.Module, dict]:
-    from . import checkpoint as ckpt
+    from .checkpoint import load_model_and_spec
     from .models import DEFAULT_OUTPUT_KEY, is_reference
 
-    path = Path(path)
     fallback = {"name": model_name, "kwargs": model_kwargs or {}}
     if is_reference(model_name) and output_key != DEFAULT_OUTPUT_KEY:
         fallback["output_key"] = output_key
-    if path.is_dir():
-        state, metadata = ckpt.load_checkpoint(path)
-        if "model" not in state:
-            raise ckpt.CheckpointError(f"checkpoint: {path} holds no model state")
-        spec, tensors = metadata.get("model_spec") or fallback, state["model"]
-    else:
-        tensors, spec, _ = ckpt.read_weights_file(path)
-        spec = spec or fallback
-    model = ckpt.build_from_spec(spec, f"model file: {path}")
-    ckpt.load_weights(model, tensors, f"model file: {path}", what=f"the architecture {spec['name']}({spec.get('kwargs', {})})")
-    return model, spec
+    return load_model_and_spec(path, fallback)
 
 
 def load_domain(source: str, image_size: int = 16, grayscale: bool = True) -> ArrayDataset | MapDataset:

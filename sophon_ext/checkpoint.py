@@ -31,7 +31,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -354,16 +354,45 @@ def _safetensors_metadata(blob: bytes) -> dict:
 
 def load_model(path: str | Path, model: torch.nn.Module | None = None, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """Load weights into ``model``, or build the model from the file's spec when ``model`` is None.
-    ``path`` is a model file of :func:`save_model` or, with ``model`` given, a plain state dict
-    (:func:`read_weights_file`). A spec naming ``package.module:callable`` imports that module."""
-    tensors, spec, _ = read_weights_file(path)
+    ``path`` is a model file of :func:`save_model`, a checkpoint directory or, with ``model``
+    given, a plain state dict (:func:`read_weights_file`). A spec naming
+    ``package.module:callable`` imports that module."""
     if model is None:
-        if not spec:
-            raise CheckpointError(f"model file: {path} has no model spec (a plain state dict, or saved without "
-                                  "one); pass the model to load into")
-        model = build_from_spec(spec, f"model file: {path}")
-    load_weights(model, tensors, f"model file: {path}")
+        return load_model_and_spec(path, map_location=map_location)[0]
+    load_weights(model, _weights_and_spec(path)[0], f"model file: {path}")
     return model.to(map_location)
+
+
+def load_model_and_spec(path: str | Path, fallback_spec: dict | Callable[[], dict] | None = None,
+                        map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """THE model loader: ``(model, spec)`` from a model file of :func:`save_model`, a checkpoint
+    directory or a plain state dict (safetensors, ``.pt`` / ``.pth``). The architecture is the
+    file's model spec, or for files without one ``fallback_spec`` (or what it returns when it is a
+    function: called only then). Weights that do not fit the architecture raise one
+    :class:`CheckpointError` naming the missing, unexpected and resized ones."""
+    tensors, spec = _weights_and_spec(path)
+    where = f"model file: {path}"
+    if not spec:
+        if fallback_spec is None:
+            raise CheckpointError(f"{where} has no model spec (a plain state dict, or saved without one); "
+                                  "pass the model to load into")
+        spec = fallback_spec() if callable(fallback_spec) else fallback_spec
+        where = f"{where} (a plain state dict, loaded into model {spec.get('name')})"
+    model = build_from_spec(spec, where)
+    load_weights(model, tensors, where, what=f"the architecture {spec['name']}({spec.get('kwargs', {})})")
+    return model.to(map_location), spec
+
+
+def _weights_and_spec(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """A model file's or plain state dict's tensors and spec, or a checkpoint directory's model state and spec."""
+    path = Path(path)
+    if path.is_dir():
+        state, metadata = load_checkpoint(path)
+        if not isinstance(state.get("model"), dict):
+            raise CheckpointError(f"checkpoint: {path} holds no model weights")
+        return state["model"], metadata.get("model_spec")
+    tensors, spec, _ = read_weights_file(path)
+    return tensors, spec
 
 
 def build_from_spec(spec, where: str) -> torch.nn.Module:

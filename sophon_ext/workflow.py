@@ -187,7 +187,7 @@ def model_spec(config: Config, original: DomainSplits, restricted: DomainSplits)
     return spec
 
 
-def build_from_spec(spec: dict, seed: int, device: str | torch.device) -> nn.Module:
+def init_model(spec: dict, seed: int, device: str | torch.device) -> nn.Module:
     """A freshly initialised model, its weights drawn from ``seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -195,33 +195,18 @@ def build_from_spec(spec: dict, seed: int, device: str | torch.device) -> nn.Mod
     return model.to(device)
 
 
-def load_model_file(path: str | Path, device: str | torch.device) -> tuple[nn.Module, dict]:
-    """A model file written by :func:`sophon_ext.checkpoint.save_model`, with its spec."""
-    tensors, spec, _ = ckpt.read_model_file(path)  # a sophon model file, checksum verified
-    if not spec:
-        raise ckpt.CheckpointError(f"model file: {path} has no model spec; rebuild it with sophon pretrain")
-    model = ckpt.build_from_spec(spec, f"model file: {path}")
-    ckpt.load_weights(model, tensors, f"model file: {path}")
-    return model.to(device), spec
-
-
 def load_pretrained(config: Config, domains=None) -> tuple[nn.Module, dict, tuple[DomainSplits, DomainSplits] | None]:
     """``(model, spec, domains)`` for ``config.model.weights``: a model file rebuilds the model its
     spec records; a plain state dict (safetensors, .pt / .pth) loads into the config's model, its
     channel and class counts filled from the data, which is loaded for that (and returned for
     reuse; else ``domains`` as given). Keys and shapes that do not fit raise one error naming them."""
-    path = config.model.weights
-    tensors, spec, _ = ckpt.read_weights_file(path)
-    where = f"model file: {path}"
-    if spec:
-        model = ckpt.build_from_spec(spec, where)
-    else:
+    def spec_from_config() -> dict:
+        nonlocal domains
         domains = domains or load_domains(config)
-        spec = model_spec(config, *domains)
-        model = model_from_spec(spec)
-        where = f"model file: {path} (a plain state dict, loaded into model {config.model.name})"
-    ckpt.load_weights(model, tensors, where)
-    return model.to(config.device), spec, domains
+        return model_spec(config, *domains)
+
+    model, spec = ckpt.load_model_and_spec(config.model.weights, spec_from_config, map_location=config.device)
+    return model, spec, domains
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -248,7 +233,7 @@ def run_pretrain(config: Config, out: str | Path | None, domains=None, progress:
     original, restricted = domains or load_domains(config)
     task = make_task(config.mode, **config.task)
     spec = model_spec(config, original, restricted)
-    model = build_from_spec(spec, config.seed, config.device)
+    model = init_model(spec, config.seed, config.device)
     check_data_fits(task, model, (original, restricted), config.device)
     if out is not None:
         ckpt.remove_run_files(out, previous)
@@ -383,7 +368,7 @@ def run_demo(config: Config, out: str | Path, resume: bool = False, progress: bo
 
     pretrained_path = out / PRETRAINED_FILE
     if resume and pretrained_path.is_file():
-        unprotected, spec = load_model_file(pretrained_path, config.device)
+        unprotected, spec = ckpt.load_model_and_spec(pretrained_path, map_location=config.device)
         timings["pretrain"] = 0.0
     else:
         outcome = run_pretrain(config, out, domains, progress)

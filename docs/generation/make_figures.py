@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from sophon_ext import workflow
+from sophon_ext import checkpoint, workflow
 from sophon_ext.config import load_config
 from sophon_ext.diffusion import ddim_sample
 from sophon_ext.generation_metrics import generation_distance, save_sample_grid
@@ -26,7 +26,7 @@ def main(run: Path, docs: Path) -> dict:
     shutil.copy(run / "curves.png", docs / "curves.png")
     numbers = {}
     for name, file in (("protected", workflow.PROTECTED_FILE), ("unprotected", workflow.PRETRAINED_FILE)):
-        model, _ = workflow.load_model_file(run / file, "cpu")
+        model = checkpoint.load_model(run / file)
         samples = ddim_sample(model, task.schedule, (64, *original.test.x.shape[1:]), steps=50, seed=0)
         save_sample_grid(samples, docs / f"before_attack_{name}.png")
         numbers[name] = {
