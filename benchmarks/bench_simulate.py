@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from conftest import DEVICES, synchronized
 from torch.utils.flop_counter import FlopCounterMode
 
-from sophon_ext import FineTuneStrategy, _simulate_paths, simulate
-from sophon_ext._simulate_reference import simulate_sequential
+from sophon_ext import FineTuneStrategy, simulate
+from sophon_ext.simulation import autotune
+from sophon_ext.simulation.reference import simulate_sequential
 from sophon_ext.models import SmallCNN
 from sophon_ext.tasks.base import weighted_mean
 
@@ -72,7 +73,7 @@ def warm_up(run, most_calls: int = 6) -> None:
     that the timed rounds measure its steady state, as the other paths'."""
     for _ in range(most_calls):
         run()
-        if not _simulate_paths._TIMINGS:
+        if not autotune._TIMINGS:
             return
 
 

@@ -472,9 +472,9 @@ def test_paper_and_default_presets_are_well_formed():
 
 def test_task_plugin_with_lower_is_better_metric_runs(digits):
     """The harness asks the task for its metric name and direction (generation plugs in the same way)."""
-    pytest.importorskip("sophon_ext.unet")
+    pytest.importorskip("sophon_ext.tasks.generation.unet")
     from sophon_ext.tasks import make_task
-    from sophon_ext.unet import TinyUNet
+    from sophon_ext.tasks.generation.unet import TinyUNet
 
     train, test = digits
     task = make_task("generation", num_timesteps=50, num_samples=4, sample_steps=2)

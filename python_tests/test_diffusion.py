@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
-from sophon_ext.diffusion import (
+from sophon_ext.models import MODEL_REGISTRY, build_model
+from sophon_ext.tasks.generation.diffusion import (
     NoiseSchedule,
     ddim_sample,
     ddim_timesteps,
@@ -15,8 +16,7 @@ from sophon_ext.diffusion import (
     draw_noising,
     per_sample_mse,
 )
-from sophon_ext.models import MODEL_REGISTRY, build_model
-from sophon_ext.unet import TinyUNet, timestep_embedding
+from sophon_ext.tasks.generation.unet import TinyUNet, timestep_embedding
 
 
 def tiny_unet(**kwargs):

@@ -277,7 +277,7 @@ def test_shards_with_their_batch_seeds_rebuild_the_full_simulation():
     """What each rank computes (its strategies, the seeds one process would give them),
     weighted by its count, is the single-process meta-gradient; its rows are the full rows."""
     from sophon_ext import FineTuneStrategy, simulate
-    from sophon_ext._simulate_batches import draw_seeds
+    from sophon_ext.simulation.batches import draw_seeds
     from sophon_ext.models import build_model
     from sophon_ext.tasks import ClassificationTask
 

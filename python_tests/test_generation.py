@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from sophon_ext import functional as SF
-from sophon_ext.generation_metrics import (
+from sophon_ext.tasks import make_task
+from sophon_ext.tasks.generation import GenerationTask
+from sophon_ext.tasks.generation.metrics import (
     generation_distance,
     make_grid,
     median_bandwidth,
@@ -15,9 +17,7 @@ from sophon_ext.generation_metrics import (
     save_labelled_grids,
     save_sample_grid,
 )
-from sophon_ext.tasks import make_task
-from sophon_ext.tasks.generation import GenerationTask
-from sophon_ext.unet import TinyUNet
+from sophon_ext.tasks.generation.unet import TinyUNet
 
 
 def tiny_unet(seed=0):

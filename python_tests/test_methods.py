@@ -13,7 +13,7 @@ from sophon_ext.data import ArrayDataset
 from sophon_ext.methods import (FineTuneMethod, InputChanged, get_method, method_names, register_method,
                                 renormalise_layers, standardise_inputs)
 from sophon_ext.models import SmallCNN
-from sophon_ext.simulate import simulate
+from sophon_ext.simulation import simulate
 from sophon_ext.strategies import FineTuneStrategy
 from sophon_ext.tasks import ClassificationTask
 

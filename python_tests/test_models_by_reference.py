@@ -242,7 +242,7 @@ def test_a_model_returning_a_mapping_or_an_object_gives_its_logits_everywhere(ou
 
 
 def test_every_simulation_path_sees_the_logits():
-    from sophon_ext.simulate import simulate
+    from sophon_ext.simulation import simulate
     from sophon_ext.strategies import FineTuneStrategy
 
     task = ClassificationTask()

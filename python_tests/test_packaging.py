@@ -71,7 +71,7 @@ def _plot():
 
 
 def _sample_grid(tmp_path):
-    from sophon_ext.generation_metrics import save_sample_grid
+    from sophon_ext.tasks.generation.metrics import save_sample_grid
 
     save_sample_grid(torch.zeros(1, 1, 4, 4), tmp_path / "grid.png")
 

@@ -9,7 +9,7 @@ import torch
 
 from sophon_ext import Sophon
 from sophon_ext.engine import ProtectionFailed
-from sophon_ext.simulate import simulate
+from sophon_ext.simulation import simulate
 
 from test_engine import clone, domains, pretrained, small_config  # noqa: F401  (fixtures)
 
@@ -42,7 +42,7 @@ def test_a_run_that_ends_non_finite_writes_no_protected_model(domains, pretraine
     config = Config.from_dict({**small_config(iterations=2, meta_clip=None, guard={"enabled": False}).to_dict()})
     import sys
 
-    monkeypatch.setattr(sys.modules["sophon_ext.simulate"], "simulate", nan_simulate)  # what the engine calls
+    monkeypatch.setattr(sys.modules["sophon_ext.simulation"], "simulate", nan_simulate)  # what the engine calls
     with pytest.raises(ProtectionFailed, match="nothing was written"):
         workflow.run_protect(config, clone(pretrained), None, tmp_path, domains=(original, restricted), progress=False)
     assert not (tmp_path / workflow.PROTECTED_FILE).exists()
@@ -408,8 +408,8 @@ def test_the_fused_update_refuses_values_that_would_write_nan(name, value, compi
 
 def test_config_and_png_writes_are_atomic(tmp_path, monkeypatch):
     from sophon_ext.config import Config, save_config
-    from sophon_ext.generation_metrics import save_sample_grid
     from sophon_ext.report import plot_curves
+    from sophon_ext.tasks.generation.metrics import save_sample_grid
 
     config_path, png_path, curves_path = tmp_path / "c.yaml", tmp_path / "g.png", tmp_path / "curves.png"
     save_config(Config(), config_path)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sophon_ext import FineTuneStrategy, Sophon, simulate
-from sophon_ext._simulate_reference import simulate_sequential
+from sophon_ext.simulation.reference import simulate_sequential
 from sophon_ext.config import Config
 from sophon_ext.data import ArrayDataset, domain_splits
 from sophon_ext.errors import UserInputError

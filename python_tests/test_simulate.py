@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sophon_ext import FineTuneStrategy, StrategySampler, simulate
-from sophon_ext._simulate_paths import VARIANTS, reported_path
-from sophon_ext._simulate_reference import simulate_sequential
+from sophon_ext.simulation.autotune import VARIANTS, reported_path
+from sophon_ext.simulation.reference import simulate_sequential
 from sophon_ext.models import SmallCNN
 from sophon_ext.optim.presets import PRESETS
 from sophon_ext.methods import get_method, method_names
@@ -91,17 +91,17 @@ def every_method_and_optimizer(batch_size=5, steps=3):
 @contextlib.contextmanager
 def auto_choice(variant):
     """path="auto" runs ``variant`` (a candidate of the auto path) without timing."""
-    from sophon_ext import _simulate_paths
+    from sophon_ext.simulation import autotune
 
     class Always(dict):
         def get(self, key, default=None):
             return variant
 
-    saved, _simulate_paths._PATH_CACHE = _simulate_paths._PATH_CACHE, Always()
+    saved, autotune._PATH_CACHE = autotune._PATH_CACHE, Always()
     try:
         yield reported_path(variant)  # the path the result reports
     finally:
-        _simulate_paths._PATH_CACHE = saved
+        autotune._PATH_CACHE = saved
 
 
 def assert_matches_reference(model, strategies, data, result, query_size, seed, loss=kl_uniform, adapt=cross_entropy,
@@ -318,8 +318,8 @@ def test_bad_input_raises_clear_errors():
 
 
 def test_memory_estimate_chunks_and_out_of_memory_splits(monkeypatch):
-    import sophon_ext._simulate_memory as memory
-    from sophon_ext._simulate_paths import ChunkRunner
+    from sophon_ext.simulation import memory
+    from sophon_ext.simulation.paths import ChunkRunner
 
     model, data = tiny_cnn(norm="none"), pool()
     strategies = StrategySampler(optimizers=("sgd", "adam"), batch_sizes=(4, 6), steps=2, seed=3).sample(4)
@@ -354,26 +354,26 @@ def test_memory_estimate_chunks_and_out_of_memory_splits(monkeypatch):
 
 
 def test_auto_path_times_every_candidate_and_caches_its_choice():
-    from sophon_ext import _simulate_paths
+    from sophon_ext.simulation import autotune
 
     model, data = tiny_cnn(norm="none", seed=3), pool()
     strategies = [FineTuneStrategy("sgd_momentum", 0.05, 5, 10, seed=i) for i in range(3)]
-    _simulate_paths._PATH_CACHE.clear()
-    _simulate_paths._TIMINGS.clear()
+    autotune._PATH_CACHE.clear()
+    autotune._TIMINGS.clear()
     run = lambda: simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4,  # noqa: E731
                            generator=torch.Generator().manual_seed(0), return_params=True)
     # every candidate (vmap, stacked, the loops with and without channels-last
     # inputs and threads) is timed 1 + _CALIBRATION_STEPS times, over as many calls as that takes
     results = []
-    while not _simulate_paths._PATH_CACHE:
+    while not autotune._PATH_CACHE:
         results.append(run())
         assert len(results) <= 5, "10 steps a call: at most 5 calls to time 7 candidates 1 + 5 times"
         assert results[-1].path in ("vmap", "stacked", "loop")
         assert_matches_reference(model, strategies, data, results[-1], 4, seed=0)
-    assert list(_simulate_paths._PATH_CACHE.values())[0] in VARIANTS and not _simulate_paths._TIMINGS
+    assert list(autotune._PATH_CACHE.values())[0] in VARIANTS and not autotune._TIMINGS
     again = run()
-    assert len(_simulate_paths._PATH_CACHE) == 1
-    chosen = list(_simulate_paths._PATH_CACHE.values())[0]
+    assert len(autotune._PATH_CACHE) == 1
+    chosen = list(autotune._PATH_CACHE.values())[0]
     assert again.path == reported_path(chosen)
     torch.testing.assert_close(again.query_losses, results[0].query_losses, rtol=1e-10, atol=0)
 
@@ -397,10 +397,10 @@ def old_style_loss(output, targets, weight=None):
 
 
 def test_auto_falls_back_to_the_loop_when_vmap_cannot_run_the_loss():
-    from sophon_ext import _simulate_paths
+    from sophon_ext.simulation import autotune
 
-    _simulate_paths._PATH_CACHE.clear()
-    _simulate_paths._TIMINGS.clear()
+    autotune._PATH_CACHE.clear()
+    autotune._TIMINGS.clear()
     model, data = tiny_cnn(norm="none", seed=4), pool()
     strategies = [FineTuneStrategy("sgd", 0.05, 5, 10, seed=i) for i in range(2)]  # 10: room to time every candidate
     run = lambda path: simulate(model, strategies, data, cross_entropy, old_style_loss, query_size=4, path=path,  # noqa: E731
@@ -414,7 +414,7 @@ def test_auto_falls_back_to_the_loop_when_vmap_cannot_run_the_loss():
 
 
 def test_batch_seeds_let_a_subset_reproduce_its_share_of_a_larger_run():
-    from sophon_ext._simulate_batches import draw_seeds
+    from sophon_ext.simulation.batches import draw_seeds
 
     model, data = tiny_cnn(norm="none"), pool()
     strategies = [FineTuneStrategy("sgd", 0.05, 5, 2, seed=1), FineTuneStrategy("adam", 1e-2, 6, 2, "reinit_head", seed=2)]

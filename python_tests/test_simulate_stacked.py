@@ -1,4 +1,4 @@
-"""The stacked path (sophon_ext._simulate_stacked): every supported op against
+"""The stacked path (sophon_ext.simulation.stacked): every supported op against
 vmap(functional_call), float64; both convolution ways; what it refuses."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from test_simulate import DTYPE, assert_matches_reference, cross_entropy, kl_uni
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from sophon_ext import FineTuneStrategy, _simulate_paths, simulate
-from sophon_ext.simulate import batch_statistics
-from sophon_ext._simulate_stacked import _CONV_CHOICE, _CONV_WAYS, NotStackable, stacked_model, trajectory_output
+from sophon_ext import FineTuneStrategy, simulate
+from sophon_ext.simulation import autotune, batch_statistics
+from sophon_ext.simulation import stacked as stacked_module
+from sophon_ext.simulation.stacked import _CONV_CHOICE, _CONV_WAYS, NotStackable, stacked_model, trajectory_output
 
 N = 3
 
@@ -126,7 +127,7 @@ def test_simulate_stacked_matches_the_sequential_loop_with_either_convolution(wa
         def __getitem__(self, key):
             return way
 
-    monkeypatch.setattr("sophon_ext._simulate_stacked._CONV_CHOICE", Always())
+    monkeypatch.setattr(stacked_module, "_CONV_CHOICE", Always())
     result = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, path="stacked",
                       generator=torch.Generator().manual_seed(5), return_params=True)
     assert result.path == "stacked"
@@ -170,8 +171,8 @@ def test_unsupported_models_are_refused_by_name_and_auto_goes_around_them(model_
     strategies = [FineTuneStrategy("sgd", 0.1, 4, 2, seed=i) for i in range(2)]
     with pytest.raises(ValueError, match=f"path: 'stacked' cannot run this model.*{reason}"):
         simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4, path="stacked")
-    _simulate_paths._PATH_CACHE.clear()
-    _simulate_paths._TIMINGS.clear()
+    autotune._PATH_CACHE.clear()
+    autotune._TIMINGS.clear()
     for _ in range(4):  # through calibration, whichever candidates it times
         result = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4,
                           generator=torch.Generator().manual_seed(7), return_params=True)
@@ -256,7 +257,7 @@ def test_the_engines_fused_suppression_loss_gives_the_same_result_on_stacked_and
 
 
 def test_auto_leaves_out_the_warm_up_step_and_prefers_a_batched_path_within_ten_percent():
-    from sophon_ext._simulate_paths import _fastest
+    from sophon_ext.simulation.autotune import _fastest
 
     warm_up = [9.0]  # a first step that pays one-off costs
     assert _fastest({"vmap": warm_up + [1.0] * 5, "stacked": [0.1] + [1.2] * 5, "loop": [0.1] + [1.5] * 5}) == "vmap"

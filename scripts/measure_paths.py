@@ -102,9 +102,9 @@ def measure_one(preset: str, sets: list[str], path: str, iterations: int, warmup
 
 
 def _timed_choice() -> str:
-    from sophon_ext import _simulate_paths
+    from sophon_ext.simulation import autotune
 
-    return "+".join(sorted(set(_simulate_paths._PATH_CACHE.values()))) or "still timing: raise --warmup"
+    return "+".join(sorted(set(autotune._PATH_CACHE.values()))) or "still timing: raise --warmup"
 
 
 def _run_child(args, path: str) -> dict:

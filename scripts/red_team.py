@@ -43,6 +43,11 @@ Adam 3e-3):
 - ``optim:*``  optimizers, rates, schedules and batch sizes outside the grid.
 - ``model:*``  first two layers re-initialised; head + first layer
   re-initialised; LoRA rank 4; a linear probe at each parametrised layer.
+- ``combo:*``  the recipes that escaped earlier protections (adaptive optimizers
+  at high rates, a new head) pushed past the rates the ``strong`` preset
+  simulates (Adam and RMSprop 5e-2, Adagrad 1.0, Lion 1e-2), with a decaying
+  schedule, and combined with the LSUV re-scaling or the MNIST pixel-statistics
+  re-framing.
 - zero-shot: accuracy on the restricted test set with no fine-tuning, after
   every input re-framing and every weight re-scaling (digits and MNIST share
   the labels 0-9), protected vs unprotected vs scratch.
@@ -304,6 +309,18 @@ def build_attacks(epochs: int) -> list[dict]:
     add("model:lora r4", "model", method="lora", rank=4)
     for k in (1, 2, 3, 4):
         add(f"model:probe layer {k} (adam {PROBE_LR:g})", "model", method="probe", layers=k, lr=PROBE_LR)
+    # what escaped earlier protections (high-rate adaptive optimizers, a new head), pushed past the
+    # rates the strong preset simulates and combined with the re-scalings and re-framings above
+    add("combo:new head + adam 5e-2", "combo", method="reinit_head", optimizer="adam", lr=5e-2)
+    add("combo:rmsprop 5e-2", "combo", optimizer="rmsprop", lr=5e-2)
+    add("combo:new head + adagrad 1.0", "combo", method="reinit_head", optimizer="adagrad", lr=1.0)
+    add("combo:new head + lion 1e-2", "combo", method="reinit_head", optimizer="lion", lr=1e-2)
+    add("combo:new head + rmsprop 1e-2 warm-down (linear)", "combo", method="reinit_head", optimizer="rmsprop",
+        lr=1e-2, schedule="linear")
+    add("combo:lsuv + new head + rmsprop 1e-2", "combo", weights="lsuv", method="reinit_head", optimizer="rmsprop", lr=1e-2)
+    add("combo:lsuv + new head + adagrad 0.1", "combo", weights="lsuv", method="reinit_head", optimizer="adagrad", lr=0.1)
+    add("combo:match_mnist_pixel + new head + adagrad 0.1", "combo", inputs="match_mnist_pixel_mean_std",
+        method="reinit_head", optimizer="adagrad", lr=0.1)
     for a in attacks:
         a["spec"].setdefault("epochs", epochs)
     return attacks

@@ -9,7 +9,7 @@ from ._version import __version__  # noqa: E402
 __all__ = ["extension_info", "functional", "nn", "optim", "__version__"]
 
 from .methods import FineTuneMethod, get_method, method_names, register_method  # noqa: E402
-from .simulate import SimulationResult, simulate  # noqa: E402
+from .simulation import SimulationResult, simulate  # noqa: E402
 from .strategies import FineTuneStrategy, StrategySampler  # noqa: E402
 
 __all__ += ["FineTuneMethod", "FineTuneStrategy", "SimulationResult", "StrategySampler", "get_method", "method_names",

@@ -306,8 +306,8 @@ def simulate_sharded(comm: Communicator, simulate_fn, model: torch.nn.Module, st
         return simulate_fn(model, strategies, generator=generator, **kwargs)
     import inspect
 
-    from ._simulate_batches import draw_seeds
-    from .simulate import SimulationResult
+    from .simulation.batches import draw_seeds
+    from .simulation import SimulationResult
 
     if "batch_seeds" not in inspect.signature(simulate_fn).parameters:
         raise TypeError("simulate_fn: must accept batch_seeds=... (as sophon_ext.simulate does) to be sharded over ranks")

@@ -325,7 +325,7 @@ class Sophon:
     def _fts_step(self) -> dict:
         simulate = self._simulate
         if simulate is None:
-            from .simulate import simulate
+            from .simulation import simulate
         slots, strategies = self._draw_strategies()
         continuing = self.chains is not None
         depths = self.chains.depths(slots, strategies) if continuing else None
@@ -392,12 +392,12 @@ class Sophon:
 
     def _simulate_path(self, inputs: tuple) -> str:
         """``protect.simulate_path``; "auto" is settled once without timing (stacked when the model
-        traces, see :func:`sophon_ext._simulate_paths.untimed_variant`), logged and checkpointed, so
+        traces, see :func:`sophon_ext.simulation.autotune.untimed_variant`), logged and checkpointed, so
         two runs of one config, seed and thread count compute the same numbers."""
         if self.pc.simulate_path != "auto":
             return self.pc.simulate_path
         if self.variant is None:
-            from ._simulate_paths import untimed_variant
+            from .simulation.autotune import untimed_variant
 
             self.variant = untimed_variant(self.model, inputs)
         return self.variant

@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import UserInputError
 from .references import attribute_of, import_module, is_python_reference
-from .unet import TinyUNet  # generation mode's noise predictor, registered below
+from .tasks.generation.unet import TinyUNet  # generation mode's noise predictor, registered below
 from .resnet import ResNet  # the CIFAR-style ResNet scenario, registered below
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from sophon_ext import checkpoint, workflow
 from sophon_ext.config import load_config
-from sophon_ext.diffusion import ddim_sample
-from sophon_ext.generation_metrics import generation_distance, save_sample_grid
+from sophon_ext.tasks.generation.diffusion import ddim_sample
+from sophon_ext.tasks.generation.metrics import generation_distance, save_sample_grid
 
 
 def main(run: Path, docs: Path) -> dict:

@@ -2,7 +2,7 @@
 
 A raw batch ``(x, y)`` of images in [-1, 1] becomes model inputs ``(x_t, t)``
 and target noise ``eps`` (:meth:`GenerationTask.prepare`); labels are unused.
-The model is any ``model(x_t, t) -> eps_hat`` (e.g. :class:`~sophon_ext.unet.TinyUNet`).
+The model is any ``model(x_t, t) -> eps_hat`` (e.g. :class:`~sophon_ext.tasks.generation.unet.TinyUNet`).
 The headline metric is the test denoising loss ``mean ||eps_hat - eps||^2``
 (the paper's), evaluated with a fixed seed so every model sees the same
 timesteps and noise.
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..diffusion import NoiseSchedule, draw_noising, per_sample_mse
-from .base import weighted_mean
+from ..base import weighted_mean
+from .diffusion import NoiseSchedule, draw_noising, per_sample_mse
 
 SUPPRESSION_LOSSES = ("dos", "neg_mse", "none")
 
@@ -75,7 +75,7 @@ class GenerationTask:
     original_loss = adaptation_loss
 
     def suppression_loss(self, output, targets, weight=None):
-        from .. import functional as SF  # noqa: N812 - the package's loss functions
+        from ... import functional as SF  # noqa: N812 - the package's loss functions
 
         if self.suppression == "dos":
             values = SF.denial_of_service_loss(output, reduction="none")
@@ -112,11 +112,11 @@ class GenerationTask:
 
         ``num_samples`` DDIM samples (``sample_steps`` steps, ``seed``) are written
         as a PNG grid to ``path`` (if given); returns their MMD^2 to ``reference``
-        on random-conv features and on pixels (:func:`~sophon_ext.generation_metrics.generation_distance`),
+        on random-conv features and on pixels (:func:`~sophon_ext.tasks.generation.metrics.generation_distance`),
         and the PNG's path. The attack harness calls this on every fine-tuned model.
         """
-        from ..diffusion import ddim_sample
-        from ..generation_metrics import generation_distance, save_sample_grid
+        from .diffusion import ddim_sample
+        from .metrics import generation_distance, save_sample_grid
 
         _check_images(reference)
         if reference.shape[0] < 2:

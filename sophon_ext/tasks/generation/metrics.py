@@ -18,8 +18,8 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from ._optional import require
-from .checkpoint import atomic_write_bytes
+from ..._optional import require
+from ...checkpoint import atomic_write_bytes
 
 FEATURES = ("pixels", "random_conv")
 
@@ -82,7 +82,7 @@ def save_labelled_grids(panels: Mapping[str, torch.Tensor], path: str | Path, nr
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    from .report import save_figure
+    from ...report import save_figure
 
     save_figure(fig, path, dpi=100)
     plt.close(fig)

@@ -5,7 +5,7 @@ Notation (Ho et al. 2020): ``beta_t`` the variance added at step ``t``
 ``abar_t = prod_{s <= t} alpha_s``. The forward process is
 ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` with ``eps ~ N(0, I)``,
 and a model ``model(x_t, t)`` predicts ``eps``. Any module with that
-signature works with everything here (the package's :class:`~sophon_ext.unet.TinyUNet`
+signature works with everything here (the package's :class:`~sophon_ext.tasks.generation.unet.TinyUNet`
 is one).
 
 Schedule tables are computed in float64 and cast to the data's dtype when used,

@@ -11,13 +11,14 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._simulate_batches import apply_transform, check_data, compose_transforms, draw_batches, stacked_batch
-from ._simulate_memory import activation_bytes_per_sample, auto_chunk_size, is_out_of_memory, trajectory_bytes
-from ._simulate_paths import VARIANTS, Chunk, UpdateGroup, reported_path, run_chunk
-from .optim.functional import get_functional_optimizer, validate_hparams
-from .optim.presets import resolve_preset
-from .methods import check_param_values, get_method
-from .strategies import FineTuneStrategy
+from ..methods import check_param_values, get_method
+from ..optim.functional import get_functional_optimizer, validate_hparams
+from ..optim.presets import resolve_preset
+from ..strategies import FineTuneStrategy
+from .autotune import VARIANTS, reported_path, run_chunk
+from .batches import apply_transform, check_data, compose_transforms, draw_batches, stacked_batch
+from .memory import activation_bytes_per_sample, auto_chunk_size, is_out_of_memory, trajectory_bytes
+from .paths import Chunk, UpdateGroup
 
 PATHS = ("auto", "vmap", "stacked", "chunked", "loop")
 ORDERS = ("first", "second")

@@ -15,11 +15,11 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._simulate_batches import apply_transform, check_data, compose_transforms, draw_batches, take
-from .methods import get_method
-from .optim.functional import torch_optimizer_kwargs
-from .optim.presets import make_torch_optimizer, resolve_preset
-from .strategies import FineTuneStrategy
+from ..methods import get_method
+from ..optim.functional import torch_optimizer_kwargs
+from ..optim.presets import make_torch_optimizer, resolve_preset
+from ..strategies import FineTuneStrategy
+from .batches import apply_transform, check_data, compose_transforms, draw_batches, take
 
 
 def _loss(fn: Callable, model: nn.Module, inputs, targets) -> Tensor:
