@@ -1,4 +1,4 @@
-"""One attack epoch: the harness's loop (sophon_ext.finetune.fine_tune) vs the usual
+"""One attack epoch: the harness's loop (sophon_ext.attack.fine_tune) vs the usual
 PyTorch loop (DataLoader with shuffling, then an evaluation pass).
 
 Both train a SmallCNN (width 16) for one epoch of full fine-tuning with Adam,
@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sophon_ext.attack import AttackSpec, fine_tune
 from sophon_ext.data import domain_splits, load_builtin
-from sophon_ext.finetune import AttackSpec, fine_tune
 from sophon_ext.models import SmallCNN
 from sophon_ext.tasks import ClassificationTask
 

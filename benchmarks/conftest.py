@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from sophon_ext import _ops
+from sophon_ext import ops
 
 # The parameter value that names the compiled implementation in a benchmark's id.
 COMPILED_PARAM_VALUE = "fused"
@@ -36,7 +36,7 @@ def item_device(item) -> str:
 
 
 def kernels_label(device: str) -> str:
-    return "compiled" if _ops.has_compiled_kernel(device) else "fallback"
+    return "compiled" if ops.has_compiled_kernel(device) else "fallback"
 
 
 def compiled_op_gate(device: str, allow_fallback: bool | None = None) -> str:
@@ -45,7 +45,7 @@ def compiled_op_gate(device: str, allow_fallback: bool | None = None) -> str:
     if allow_fallback is None:
         allow_fallback = os.environ.get(FALLBACK_ENV, "") not in ("", "0")
     if label == "fallback" and not allow_fallback:
-        pytest.skip(f"NOT TIMED: no compiled kernels for {device} ({_ops.extension_info()['error']}); "
+        pytest.skip(f"NOT TIMED: no compiled kernels for {device} ({ops.extension_info()['error']}); "
                     f"this row would time the pure-PyTorch fallback ({FALLBACK_ENV}=1 times it anyway)")
     return label
 
@@ -69,7 +69,7 @@ def pytest_terminal_summary(terminalreporter):
     if _skipped_for_kernels:
         terminalreporter.section("compiled kernels missing", sep="!", red=True, bold=True)
         terminalreporter.line(f"{len(_skipped_for_kernels)} benchmark(s) of compiled ops NOT run: "
-                              f"{_ops.extension_info()['error']}", red=True)
+                              f"{ops.extension_info()['error']}", red=True)
         terminalreporter.line("build the kernels beside the sources (bash scripts/build_inplace.sh, or bash "
                               "scripts/setup.sh), or run from an installed package", red=True)
 

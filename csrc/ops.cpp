@@ -1,8 +1,8 @@
 // Every sophon_ext operator schema, in one place. Kernels live in
 // csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu and register with
 // TORCH_LIBRARY_IMPL(sophon_ext, CPU|CUDA, m). Autograd, fake (meta) kernels
-// and pure-PyTorch fallbacks are registered from Python (sophon_ext/_ops.py
-// and the modules that own each op). See csrc/README.md for the recipe.
+// and pure-PyTorch fallbacks are registered from Python (sophon_ext/ops/:
+// losses.py, multi_step.py). See csrc/README.md for the recipe.
 #include <torch/library.h>
 
 TORCH_LIBRARY(sophon_ext, m) {

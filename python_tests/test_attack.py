@@ -12,12 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import sophon_ext.attack as attack_module
+import sophon_ext.attack.cli as attack_cli
+import sophon_ext.attack.run as attack_run
 from sophon_ext import checkpoint, surgery
 from sophon_ext.attack import (
-    GRID_PRESETS, AttackSpec, add_attack_arguments, expand_grid, load_grid, run_attack_cli, run_attacks,
+    ATTACK_METHODS, GRID_PRESETS, AttackSpec, add_attack_arguments, expand_grid, fine_tune, load_grid,
+    prepare_attack_model, run_attack_cli, run_attacks,
 )
+from sophon_ext.attack.finetune import _train_loop
+from sophon_ext.attack.spec import schedule_factor
 from sophon_ext.data import ArrayDataset, domain_splits, load_builtin
-from sophon_ext.finetune import ATTACK_METHODS, _train_loop, fine_tune, prepare_attack_model, schedule_factor
 from sophon_ext.models import SmallCNN
 from sophon_ext.optim.presets import PRESETS
 from sophon_ext.tasks import ClassificationTask
@@ -278,13 +282,13 @@ def test_divergence_is_recorded_and_the_report_stays_valid_json(digits, tmp_path
 def test_resume_skips_finished_attacks_and_reruns_only_the_protected_column(digits, tmp_path, monkeypatch):
     train, test = digits
     calls = []
-    real = attack_module.fine_tune
+    real = attack_run.fine_tune
 
     def counting(model, spec, *args, **kwargs):
         calls.append(spec.name)
         return real(model, spec, *args, **kwargs)
 
-    monkeypatch.setattr(attack_module, "fine_tune", counting)
+    monkeypatch.setattr(attack_run, "fine_tune", counting)  # what run_attacks calls
     kwargs = dict(out_dir=tmp_path, progress=False, diagnostics=False, plots=False)
     first = run_attacks(tiny_model(10), tiny_model(11), None, train, test, TASK, tiny_grid(), **kwargs)
     assert len(calls) == 2 * 3
@@ -419,7 +423,7 @@ def test_cli_runs_a_grid_from_model_files(tmp_path, capsys):
     assert "grid preset: unknown preset 'nope'" in capsys.readouterr().err
     assert run_attack_cli(_parse(["--protected", str(tmp_path / "missing.safetensors")])) == 2
     with pytest.raises(ValueError, match="RANK/WORLD"):
-        attack_module._parse_shard("1of2")
+        attack_cli._parse_shard("1of2")
 
 
 def test_cli_reads_a_run_config_and_follows_the_output_directory_rule(tmp_path, capsys, monkeypatch):
@@ -447,8 +451,8 @@ def test_cli_reads_a_run_config_and_follows_the_output_directory_rule(tmp_path, 
     assert run_attack_cli(_parse(argv)) == 2
     assert "holds another run's files (runs/" in capsys.readouterr().err
     trained = []
-    real = attack_module.fine_tune
-    monkeypatch.setattr(attack_module, "fine_tune", lambda *a, **k: trained.append(1) or real(*a, **k))
+    real = attack_run.fine_tune
+    monkeypatch.setattr(attack_run, "fine_tune", lambda *a, **k: trained.append(1) or real(*a, **k))
     assert run_attack_cli(_parse(argv + ["--resume"])) == 0 and trained == []
     assert run_attack_cli(_parse(argv + ["--overwrite"])) == 0 and len(trained) == 2
 

@@ -11,10 +11,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sophon_ext import Sophon, protect
-from sophon_ext.attack import AttackSpec, load_domain, run_attacks
+from sophon_ext.attack import AttackSpec, fine_tune, load_domain, run_attacks
 from sophon_ext.config import Config
 from sophon_ext.data import ArrayDataset, MapDataset, as_dataset, split
-from sophon_ext.finetune import fine_tune
 from sophon_ext.tasks import ClassificationTask
 
 SIDE = 6

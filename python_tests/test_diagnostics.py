@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from sophon_ext.attack.diagnostics import compare_models, zero_activations
 from sophon_ext.data import ArrayDataset
-from sophon_ext.diagnostics import compare_models, zero_activations
 from sophon_ext.tasks import ClassificationTask
 
 TASK = ClassificationTask()

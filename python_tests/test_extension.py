@@ -134,12 +134,12 @@ def test_library_built_for_another_torch_is_not_loaded(tmp_path):
 
 
 def test_every_ops_python_schema_equals_the_registered_one():
-    import sophon_ext.functional  # noqa: F401  (defines the loss ops)
-    import sophon_ext.optim.fused  # noqa: F401  (defines multi_step_update_)
-    from sophon_ext import _ops
+    import sophon_ext.ops.losses  # noqa: F401  (defines the loss ops)
+    import sophon_ext.ops.multi_step  # noqa: F401  (defines multi_step_update_)
+    from sophon_ext import ops
 
-    assert set(_ops.PYTHON_SCHEMAS) >= {"suppression_loss", "suppression_loss_backward", "multi_step_update_"}
+    assert set(ops.PYTHON_SCHEMAS) >= {"suppression_loss", "suppression_loss_backward", "multi_step_update_"}
     # registered = the compiled library's schema (csrc/ops.cpp) when it is loaded
-    assert {name: _ops.schema_mismatch(name) for name in _ops.PYTHON_SCHEMAS} == dict.fromkeys(_ops.PYTHON_SCHEMAS)
-    schema = _ops.PYTHON_SCHEMAS["suppression_loss"]
-    assert _ops.schema_mismatch("suppression_loss", schema.replace("int ignore_index", "float ignore_index")) is not None
+    assert {name: ops.schema_mismatch(name) for name in ops.PYTHON_SCHEMAS} == dict.fromkeys(ops.PYTHON_SCHEMAS)
+    schema = ops.PYTHON_SCHEMAS["suppression_loss"]
+    assert ops.schema_mismatch("suppression_loss", schema.replace("int ignore_index", "float ignore_index")) is not None

@@ -14,7 +14,8 @@ from sophon_ext.optim import (
     make_torch_optimizer,
     torch_optimizer_kwargs,
 )
-from sophon_ext.optim.fused import _check_arguments, flat_views, multi_step_update_op
+from sophon_ext.ops.multi_step import _check_arguments, multi_step_update_op
+from sophon_ext.optim.fused import flat_views
 
 # (kind, nesterov) pairs; sgd covers plain, momentum+dampening and Nesterov rows
 KINDS = [("sgd", False), ("sgd", True), ("adam", False), ("adamw", False), ("lion", False)]
@@ -331,7 +332,7 @@ def test_threads_splitting_rows_agree_with_one_thread(kind, nesterov):
 
 _BASELINE_ISA_SCRIPT = """
 import torch, sophon_ext
-from sophon_ext.optim.fused import _reference, multi_step_update_op
+from sophon_ext.ops.multi_step import _reference, multi_step_update_op
 assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
 g = torch.Generator().manual_seed(0)
 for kind in ("sgd", "adam", "adamw", "lion"):
@@ -356,7 +357,7 @@ def test_baseline_instruction_set_kernel_matches_reference():
     import subprocess
     import sys
 
-    from sophon_ext._ops import has_compiled_kernel
+    from sophon_ext.ops import has_compiled_kernel
 
     if not has_compiled_kernel("cpu"):
         pytest.skip("compiled library not loaded")

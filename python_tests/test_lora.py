@@ -6,8 +6,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from sophon_ext.attack.lora import LoRAAdapter, add_lora, attention_deltas, merge_lora
 from sophon_ext.data import as_dataset
-from sophon_ext.lora import LoRAAdapter, add_lora, attention_deltas, merge_lora
 from sophon_ext.models import SmallCNN
 
 LAYERS = [
@@ -218,7 +218,7 @@ def test_target_modules_pick_projections_by_name_or_pattern():
 
 def test_peft_adapter_adapts_the_attention_when_installed():
     pytest.importorskip("peft")
-    from sophon_ext.lora import add_peft_lora
+    from sophon_ext.attack.lora import add_peft_lora
 
     torch.manual_seed(0)
     base = AttentionModel()

@@ -1,6 +1,7 @@
 """Suppression losses: every kernel, forward and backward, against plain float64 PyTorch.
 
-The references below are written independently of sophon_ext/functional.py:
+The references below are written independently of sophon_ext/functional.py
+and sophon_ext/ops/losses.py:
 ICE and KLU from their definitions, the reference-code variant literally as
 ``F.cross_entropy(1 - z, y)``, and class weights / ignore_index / reductions
 as ``F.cross_entropy`` documents them. Tests run with the compiled kernels

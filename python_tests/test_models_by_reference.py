@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sophon_ext import checkpoint as ckpt
-from sophon_ext.attack import _load_model_and_spec, add_attack_arguments, run_attack_cli
+from sophon_ext.attack import add_attack_arguments, run_attack_cli
+from sophon_ext.attack.cli import _load_model_and_spec
 from sophon_ext.cli import main
 from sophon_ext.config import Config, ConfigError
 from sophon_ext.data import ArrayDataset, domain_splits
@@ -402,7 +403,7 @@ def test_attack_cli_reports_wrong_input_in_one_line_and_lets_bugs_through(tmp_pa
     assert run_attack_cli(args) == 2
     assert "lr: must be a positive number" in capsys.readouterr().err
 
-    import sophon_ext.attack as attack_module
+    import sophon_ext.attack.cli as attack_module  # run_attack_cli calls run_attacks there
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")

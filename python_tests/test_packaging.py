@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import sophon_ext
-from sophon_ext import _ops, _optional
+from sophon_ext import _optional, ops
 from sophon_ext.cli import main
 
 PACKAGE_DIR = Path(sophon_ext.__file__).resolve().parent
@@ -204,11 +204,11 @@ def test_the_metadata_provider_pins_wheels_and_not_sdists():
 def test_torch_mismatch_accepts_the_same_minor_and_flavour_only(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.13.1+cpu")
     monkeypatch.setattr(torch.version, "cuda", None)
-    assert _ops.torch_mismatch("2.13.0+cpu", "") is None
-    assert _ops.torch_mismatch("2.13.0", None) is None
-    assert "built against torch 2.12.0 (CPU-only) but torch 2.13.1+cpu (CPU-only)" in _ops.torch_mismatch("2.12.0", "")
-    assert "CUDA 13.0" in _ops.torch_mismatch("2.13.0+cu130", "13.0")
-    assert "rebuild" in _ops.torch_mismatch("3.0.0", "")
+    assert ops.torch_mismatch("2.13.0+cpu", "") is None
+    assert ops.torch_mismatch("2.13.0", None) is None
+    assert "built against torch 2.12.0 (CPU-only) but torch 2.13.1+cpu (CPU-only)" in ops.torch_mismatch("2.12.0", "")
+    assert "CUDA 13.0" in ops.torch_mismatch("2.13.0+cu130", "13.0")
+    assert "rebuild" in ops.torch_mismatch("3.0.0", "")
 
 
 def _copy_package(tmp_path: Path, with_library: bool) -> Path:
@@ -223,8 +223,8 @@ import json, warnings
 warnings.simplefilter("always")
 with warnings.catch_warnings(record=True) as at_import:
     import torch, sophon_ext
-    from sophon_ext import _ops
-note = _ops.kernel_note() if {announce} else None
+    from sophon_ext import ops
+note = ops.kernel_note() if {announce} else None
 with warnings.catch_warnings(record=True) as at_use:
     warnings.simplefilter("always")
     import sophon_ext.functional as SF
@@ -248,7 +248,7 @@ def test_missing_library_is_explained_and_announced_once(tmp_path, announce):
         assert len(child["at_use"]) == 1 and "not found" in child["at_use"][0]
 
 
-@pytest.mark.skipif(not _ops.extension_info()["cpu"], reason="needs the compiled library to copy")
+@pytest.mark.skipif(not ops.extension_info()["cpu"], reason="needs the compiled library to copy")
 def test_library_built_for_another_torch_reports_both_versions(tmp_path):
     root = _copy_package(tmp_path, True)
     info_file = root / "sophon_ext" / "_build_info.json"
@@ -265,8 +265,8 @@ def test_the_cli_says_first_when_it_runs_without_kernels(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = proc.stderr.splitlines()[0]
     assert first.startswith("sophon: running without compiled kernels") and "SOPHON_EXT_DISABLE" in first
-    if _ops.extension_info()["cpu"]:
-        assert _ops.kernel_note() is None
+    if ops.extension_info()["cpu"]:
+        assert ops.kernel_note() is None
 
 
 # ---------------------------------------------------------------- benchmarks refuse the fallback
@@ -285,8 +285,8 @@ def test_benchmark_conftest_skips_compiled_rows_without_the_library(monkeypatch)
     spec = importlib.util.spec_from_file_location("bench_conftest", REPO / "benchmarks" / "conftest.py")
     conftest = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(conftest)
-    monkeypatch.setitem(_ops._state, "loaded", False)
-    monkeypatch.setitem(_ops._state, "warned", True)
+    monkeypatch.setitem(ops._state, "loaded", False)
+    monkeypatch.setitem(ops._state, "warned", True)
     with pytest.raises(pytest.skip.Exception, match="NOT TIMED: no compiled kernels for cpu"):
         conftest.compiled_op_gate("cpu", allow_fallback=False)
     assert conftest.compiled_op_gate("cpu", allow_fallback=True) == "fallback"
@@ -320,7 +320,7 @@ def test_env_report_has_what_a_bug_report_needs():
 
     report = environment_report()
     assert report["sophon_ext"] == sophon_ext.__version__ and report["torch"] == torch.__version__
-    assert report["compiled_library"]["loaded"] == _ops.extension_info()["cpu"]
+    assert report["compiled_library"]["loaded"] == ops.extension_info()["cpu"]
     assert set(report["extras"]) == set(_optional.EXTRAS)
     assert report["cpu"]["torch_threads"] == torch.get_num_threads()
     text = format_report(report)

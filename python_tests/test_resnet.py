@@ -13,7 +13,7 @@ from sophon_ext.simulation.reference import simulate_sequential
 from sophon_ext.config import Config
 from sophon_ext.data import ArrayDataset, domain_splits
 from sophon_ext.errors import UserInputError
-from sophon_ext.finetune import AttackSpec, prepare_attack_model
+from sophon_ext.attack import AttackSpec, prepare_attack_model
 from sophon_ext.methods import method_names
 from sophon_ext.models import build_model
 from sophon_ext.presets import preset_names, preset_overrides

@@ -1,6 +1,6 @@
 """sophon_ext: SOPHON non-fine-tunable learning as a PyTorch extension."""
 
-from ._ops import extension_info
+from .ops import extension_info
 # Importing these registers the ops' fake kernels, autograd and fallbacks.
 from . import functional, nn, optim  # noqa: E402  (isort: skip)
 
@@ -20,9 +20,7 @@ from .engine import ProtectionResult, Sophon, protect  # noqa: E402
 
 __all__ += ["Config", "ConfigError", "FamilyConfig", "ProbeConfig", "ProtectConfig", "ProtectionResult", "Sophon", "load_config", "protect", "save_config"]
 
-from . import attack  # noqa: E402
-from .attack import run_attacks  # noqa: E402
-from .finetune import AttackSpec  # noqa: E402
+from .attack import AttackSpec, run_attacks  # noqa: E402
 from .tasks import ClassificationTask, make_task  # noqa: E402
 
 __all__ += ["AttackSpec", "ClassificationTask", "attack", "make_task", "run_attacks"]

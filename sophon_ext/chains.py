@@ -34,9 +34,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .surgery import parameter_names
 from .methods import get_method
 from .strategies import FineTuneStrategy
-from .surgery import parameter_names
 
 
 def is_continued(strategy: FineTuneStrategy) -> bool:

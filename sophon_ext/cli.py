@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 
 from . import distributed
-from ._ops import kernel_note
+from .ops import kernel_note
 from .config import Config, ConfigError, load_config, save_config
 from .errors import describe, is_user_error
 

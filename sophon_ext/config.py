@@ -285,7 +285,7 @@ class ProbeConfig:
     train_fraction: float = 0.7
 
     def _validate(self, where: str) -> None:
-        from .finetune import AttackSpec
+        from .attack import AttackSpec
 
         _check(self.every >= 0, where, "every", f"must be >= 0, got {self.every}")
         _check(self.count >= 1, where, "count", f"must be >= 1, got {self.count}")
@@ -436,7 +436,7 @@ class AttackConfig:
     attacks: list[dict[str, Any]] = field(default_factory=default_attacks)
 
     def _validate(self, where: str) -> None:
-        from .finetune import AttackSpec
+        from .attack import AttackSpec
 
         _check(self.epochs >= 1, where, "epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, where, "batch_size", f"must be >= 1, got {self.batch_size}")

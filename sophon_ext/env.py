@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ._ops import extension_info
+from .ops import extension_info
 from ._optional import installed_extras
 from ._version import __version__
 

@@ -6,7 +6,7 @@ sides read that one definition:
 - the simulator (:func:`sophon_ext.simulate`, the protection's inner loop)
   applies it to the functional parameters (:meth:`FineTuneMethod.simulated_start`),
   so parameters computed from the current ones keep their meta-gradient;
-- the attack harness (:func:`sophon_ext.finetune.prepare_attack_model`) applies
+- the attack harness (:func:`sophon_ext.attack.prepare_attack_model`) applies
   it to a real copy of the module (:meth:`FineTuneMethod.apply_to_module`).
 
 A method is: which modules are re-initialised (``reinit``: the head, the

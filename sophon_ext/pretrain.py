@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attack.finetune import train_one_epoch
 from .config import PretrainConfig
 from .data import ArrayDataset, MapDataset
-from .finetune import train_one_epoch
 from .optim.presets import make_torch_optimizer
 from .tasks import Task, evaluate_dataset
 

@@ -3,7 +3,7 @@
 The simulated attackers are the protection's model of the adversary; a probe
 checks that model against the real thing. Every ``protect.probes.every``
 iterations the engine fine-tunes a copy of the current model with a few real
-recipes (:func:`sophon_ext.finetune.fine_tune`) on a held-out part of the
+recipes (:func:`sophon_ext.attack.fine_tune`) on a held-out part of the
 restricted training data, and compares each with training a fresh model of
 the same architecture with the same recipe (computed once per recipe: it
 does not depend on the protected model). The product's escape rule
@@ -19,8 +19,8 @@ import math
 import torch
 from torch import nn
 
+from .attack import AttackSpec, fine_tune
 from .data import ArrayDataset, split
-from .finetune import AttackSpec, fine_tune
 from .report import area_under_curve, chance_level, escapes
 
 

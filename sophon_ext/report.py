@@ -150,7 +150,7 @@ def versions() -> dict:
     import torch
 
     from . import __version__
-    from ._ops import extension_info
+    from .ops import extension_info
 
     try:
         ext = extension_info()

@@ -33,7 +33,8 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from .fused import _HP_ARGS, _UNUSED_FILLER, multi_step_update_op
+from ..ops.multi_step import _HP_ARGS, multi_step_update_op
+from .fused import _UNUSED_FILLER
 from .functional import _RANGES
 
 __all__ = ["FusedAdam", "FusedAdamW", "FusedLion", "FusedSGD"]

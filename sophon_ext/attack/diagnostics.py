@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .data import ArrayDataset
+from ..data import ArrayDataset
 
 
 @torch.no_grad()

@@ -1,5 +1,12 @@
 """Loads the compiled kernels once and gives every op a pure-PyTorch fallback.
 
+The one place for the compiled ops: this module loads ``sophon_ext/_C.so``
+and defines :func:`define_op`; the ops themselves are registered by
+:mod:`sophon_ext.ops.losses` (the suppression losses, used by
+:mod:`sophon_ext.functional`) and :mod:`sophon_ext.ops.multi_step` (the fused
+multi-trajectory update, used by :mod:`sophon_ext.optim`). Importing
+``sophon_ext`` imports both.
+
 Every op is called as ``torch.ops.sophon_ext.<name>``. When the compiled
 library is loaded, its CPU (and, if built, CUDA) kernels answer; the Python
 reference is registered as the ``CompositeExplicitAutograd`` kernel, which the
@@ -22,7 +29,8 @@ from typing import Callable
 import torch
 
 NAMESPACE = "sophon_ext"
-_PACKAGE_DIR = Path(__file__).resolve().parent
+# The compiled library and its build info sit at the package root (sophon_ext/), one level above this file.
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
 _LIBRARY_PATH = _PACKAGE_DIR / "_C.so"
 _BUILD_INFO_PATH = _PACKAGE_DIR / "_build_info.json"
 # A source checkout (not an installed package) has the CMake project one level up.
