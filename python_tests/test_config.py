@@ -57,7 +57,7 @@ def test_partial_files_keep_defaults_and_yaml_floats_parse(tmp_path):
         ({"model": {"name": "resnet9000"}}, ConfigError, "model.name: unknown model"),
         ({"task": {"suppression": "ice++"}}, ConfigError, "task.suppression: unknown loss"),
         ({"task": {"temperature": 2}}, ConfigTypeError, "task: .*temperature"),
-        ({"mode": "segmentation"}, ConfigError, "mode: must be one of"),
+        ({"mode": "segmentation"}, ConfigError, "mode: unknown mode .segmentation.; choose one of"),
         ({"device": "tpu9"}, ConfigError, "device:"),
         ({"attack": {"attacks": [{"method": "melt"}]}}, ConfigError, r"attack.attacks\[0\].method"),
         ({"attack": {"attacks": [{"method": "full", "epochs": 3}]}}, ConfigError, r"attack.attacks\[0\].epochs: is set for all"),
@@ -105,3 +105,33 @@ def test_validate_rechecks_attribute_edits():
     config.protect.alpha = 0.0
     with pytest.raises(ConfigError, match="protect.alpha"):
         config.validate()
+
+
+def test_a_registered_task_is_a_mode_everywhere(tmp_path):
+    import argparse
+
+    from sophon_ext import tasks
+    from sophon_ext.attack import add_attack_arguments
+    from sophon_ext.cli import _default_config, build_parser
+    from sophon_ext.tasks import ClassificationTask, default_config_overrides, make_task, register_task, task_names
+
+    class Doubled(ClassificationTask):
+        """A task plug-in of a user: classification with the suppression weights doubled."""
+
+    assert task_names() == ("classification", "generation")
+    with pytest.raises(ConfigError, match="mode: unknown mode 'doubled'; choose one of \\['classification', 'generation'\\]"):
+        Config().replace({"mode": "doubled"})
+    register_task("doubled", Doubled, {"pretrain": {"epochs": 2}})
+    try:
+        assert isinstance(make_task("doubled"), Doubled) and "doubled" in task_names()
+        config = _default_config("doubled")
+        assert config.mode == "doubled" and config.pretrain.epochs == 2 and Config().pretrain.epochs != 2
+        assert build_parser().parse_args(["config", "--mode", "doubled"]).mode == "doubled"
+        assert add_attack_arguments(argparse.ArgumentParser()).parse_args(["--protected", "p", "--mode", "doubled"]).mode == "doubled"
+    finally:
+        del tasks._TASKS["doubled"]
+    # generation's defaults come from its module, imported only when asked for
+    assert default_config_overrides("generation")["model"]["name"] == "tiny_unet"
+    assert default_config_overrides("classification") == {}
+    with pytest.raises(ValueError, match="mode: unknown mode 'nope'"):
+        make_task("nope")

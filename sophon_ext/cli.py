@@ -23,6 +23,7 @@ from . import distributed
 from .ops import kernel_note
 from .config import Config, ConfigError, load_config, save_config
 from .errors import describe, is_user_error
+from .tasks import task_names
 
 # A seconds-long version of every job, for smoke tests and trying the pipeline.
 QUICK_OVERRIDES = {
@@ -79,14 +80,14 @@ def overrides_from_sets(items: list[str]) -> dict:
 
 
 def _default_config(mode: str) -> Config:
-    """The built-in default of a mode (generation's comes from its task module)."""
-    if mode == "classification":
-        return Config()
+    """The built-in default of a mode (a task's own overrides on top of the classification default)."""
+    from .tasks import default_config_overrides
+
     try:
-        from .tasks.generation import DEFAULT_CONFIG_OVERRIDES
-    except ImportError as exc:
+        overrides = default_config_overrides(mode)
+    except (ImportError, ValueError) as exc:
         raise ConfigError(f"mode: {mode!r} has no built-in default config ({exc})") from None
-    return Config().replace({**DEFAULT_CONFIG_OVERRIDES, "mode": mode})
+    return Config().replace({**overrides, "mode": mode})
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -329,7 +330,7 @@ def _add_common(parser: argparse.ArgumentParser, config_required: bool = False) 
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config value, e.g. --set protect.alpha=3e-3 --set task.suppression=none "
                              "(repeatable; values are YAML)")
-    parser.add_argument("--mode", choices=("classification", "generation"), default=None,
+    parser.add_argument("--mode", choices=task_names(), default=None,
                         help="task mode; its built-in default config is the starting point (default classification)")
     parser.add_argument("--seed", type=int, default=None, help="seed of everything random (overrides seed)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (overrides device)")

@@ -20,7 +20,6 @@ from typing import Any, Literal, Optional, Union
 
 from .errors import UserInputError, UserInputTypeError
 
-MODES = ("classification", "generation")
 DATA_SOURCES = ("builtin", "image_folder", "torchvision", "arrays", "reference")
 #: seeds must fit every generator they feed (torch, numpy), with room for per-iteration offsets
 MAX_SEED = 2**32 - 1
@@ -459,7 +458,8 @@ class AttackConfig:
 class Config:
     """A whole run: mode, data, model, pre-training, protection and the attack check."""
 
-    mode: Literal["classification", "generation"] = "classification"
+    #: a registered task (:func:`sophon_ext.tasks.task_names`: classification, generation)
+    mode: str = "classification"
     seed: int = 0
     device: str = "cpu"
     #: CPU threads for torch (the command line applies it; null: torch's default)
@@ -484,8 +484,9 @@ class Config:
         self._validate_task(where)
 
     def _validate_task(self, where: str) -> None:
-        from .tasks import make_task
+        from .tasks import make_task, task_names
 
+        _check(self.mode in task_names(), where, "mode", f"unknown mode {self.mode!r}; choose one of {list(task_names())}")
         try:
             make_task(self.mode, **self.task)
         except TypeError as exc:

@@ -60,7 +60,9 @@ def add_attack_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     grid.add_argument("--grid", help="grid file (YAML or JSON; see sophon_ext.attack.expand_grid)")
     parser.add_argument("--epochs", type=int, help="override the grid's epochs")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the grid's seeds")
-    parser.add_argument("--mode", choices=("classification", "generation"), default=None,
+    from ..tasks import task_names
+
+    parser.add_argument("--mode", choices=task_names(), default=None,
                         help="task (default: the config's, else classification)")
     parser.add_argument("--head", help="module name of the classifier head, when it cannot be found")
     parser.add_argument("--out", default="runs/attack", help="output directory (default runs/attack); a fresh run "
