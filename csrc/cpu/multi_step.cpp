@@ -1,7 +1,8 @@
 // CPU kernel of sophon_ext::multi_step_update_ (schema in csrc/ops.cpp), and
 // the argument checks shared with the CUDA kernel (csrc/multi_step.h).
-#define SOPHON_MULTI_STEP_ISA baseline
+#define SOPHON_ISA baseline
 #include "cpu/multi_step_kernel.h"
+#include "cpu/isa.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
@@ -74,12 +75,7 @@ void check_per_trajectory(const at::Tensor& t, const char* name, const at::Tenso
 }
 
 UpdateFn cpu_update() {
-  // Same rule as ATen's own kernels (honours ATEN_CPU_CAPABILITY).
-  static const UpdateFn fn = [] {
-    const UpdateFn avx2 = avx2_update();
-    const std::string capability = at::get_cpu_capability();
-    return (avx2 != nullptr && (capability == "AVX2" || capability == "AVX512")) ? avx2 : &baseline::update;
-  }();
+  static const UpdateFn fn = cpu_isa::choose_isa<UpdateFn>(&baseline::update, avx2_update());
   return fn;
 }
 

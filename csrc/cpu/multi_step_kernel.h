@@ -1,9 +1,7 @@
 // The CPU pass of sophon_ext::multi_step_update_ over the flat (N, P) buffers.
 //
-// Compiled twice, like suppression_loss_rows.h: by multi_step.cpp for the
-// baseline instruction set (namespace `baseline`) and by multi_step_avx2.cpp
-// for AVX2+FMA (namespace `avx2`); at::vec picks its implementation from the
-// CPU_CAPABILITY_* macros of the including file.
+// Compiled twice, in namespace SOPHON_ISA (baseline in multi_step.cpp, avx2 in
+// multi_step_avx2.cpp; see isa.h); without SOPHON_ISA it only declares.
 #pragma once
 
 #include "multi_step.h"
@@ -34,7 +32,8 @@ using UpdateFn = void (*)(const KernelArgs&);
 // Defined in multi_step_avx2.cpp; null when that file was not compiled for AVX2.
 UpdateFn avx2_update();
 
-namespace SOPHON_MULTI_STEP_ISA {
+#ifdef SOPHON_ISA
+namespace SOPHON_ISA {
 
 struct VecOps {
   template <typename V>
@@ -123,5 +122,7 @@ inline void update(const KernelArgs& a) {
   }
 }
 
-}  // namespace SOPHON_MULTI_STEP_ISA
+}  // namespace SOPHON_ISA
+#endif  // SOPHON_ISA
+
 }  // namespace sophon_ext::multi_step

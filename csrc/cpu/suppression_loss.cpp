@@ -2,8 +2,9 @@
 // sophon_ext::inverse_cross_entropy_reference and their backward ops
 // (schemas in csrc/ops.cpp, maths in suppression_loss_rows.h). Rows run in
 // parallel (at::parallel_for); each row is vectorised with at::vec.
-#define SOPHON_ROW_KERNEL_NAMESPACE baseline
+#define SOPHON_ISA baseline
 #include "cpu/suppression_loss_rows.h"
+#include "cpu/isa.h"
 #include "suppression_loss.h"
 
 #include <ATen/Parallel.h>
@@ -20,12 +21,7 @@ namespace {
 using at::Tensor;
 
 const RowKernelSet& row_kernel_set() {
-  // Same rule as ATen's own kernels (honours ATEN_CPU_CAPABILITY).
-  static const RowKernelSet* set = [] {
-    const RowKernelSet* avx2 = avx2_row_kernels();
-    const std::string capability = at::get_cpu_capability();
-    return (avx2 != nullptr && (capability == "AVX2" || capability == "AVX512")) ? avx2 : baseline::row_kernels();
-  }();
+  static const RowKernelSet* set = cpu_isa::choose_isa(baseline::row_kernels(), avx2_row_kernels());
   return *set;
 }
 

@@ -1,11 +1,8 @@
 // Row kernels of the suppression losses (see suppression_loss.cpp for the ops).
 //
-// This header is compiled twice: by suppression_loss.cpp for the baseline
-// instruction set (namespace `baseline`) and by suppression_loss_avx2.cpp for
-// AVX2+FMA (namespace `avx2`); at::vec picks its implementation from the
-// CPU_CAPABILITY_* macros of the including file. suppression_loss.cpp picks
-// the set at run time, as ATen does (ATEN_CPU_CAPABILITY=default forces the
-// baseline).
+// This header is compiled twice, in namespace SOPHON_ISA (baseline in
+// suppression_loss.cpp, avx2 in suppression_loss_avx2.cpp; see isa.h);
+// without SOPHON_ISA it only declares.
 //
 // Maths, per row z (C logits), target y (or none). Everything is relative to
 // a shift m, the max of the non-target logits (of all logits without a
@@ -76,7 +73,7 @@ const RowKernelSet* avx2_row_kernels();
 
 }  // namespace sophon_ext::cpu
 
-#ifdef SOPHON_ROW_KERNEL_NAMESPACE
+#ifdef SOPHON_ISA
 
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
@@ -91,7 +88,7 @@ const RowKernelSet* avx2_row_kernels();
 #include <utility>
 #include <vector>
 
-namespace sophon_ext::cpu::SOPHON_ROW_KERNEL_NAMESPACE {
+namespace sophon_ext::cpu::SOPHON_ISA {
 
 using at::vec::Vectorized;
 
@@ -516,6 +513,6 @@ inline const RowKernelSet* row_kernels() {
 
 #undef SOPHON_ROW_KERNELS_OF
 
-}  // namespace sophon_ext::cpu::SOPHON_ROW_KERNEL_NAMESPACE
+}  // namespace sophon_ext::cpu::SOPHON_ISA
 
-#endif  // SOPHON_ROW_KERNEL_NAMESPACE
+#endif  // SOPHON_ISA

@@ -329,101 +329,109 @@ Tensor checked_target(const char* op, const std::optional<Tensor>& target, const
   return t;
 }
 
-std::tuple<Tensor, Tensor> suppression_loss_cuda(const Tensor& logits_in, const std::optional<Tensor>& target_in,
-                                                 double ice_weight, double klu_weight, int64_t ignore_index) {
-  constexpr const char* op = "sophon_ext::suppression_loss";
+// The four ops share their host side: checks, the device guard, contiguous inputs, outputs, and
+// no launch for an empty batch. `launch` dispatches on the dtype and starts the kernel.
+template <typename Launch>
+std::tuple<Tensor, Tensor> forward_rows(const char* op, const Tensor& logits_in, const std::optional<Tensor>& target_in,
+                                        bool target_required, int64_t ignore_index, const Launch& launch) {
   check_loss_logits(op, logits_in);
-  TORCH_CHECK_VALUE(target_in.has_value() || ice_weight == 0.0, op, ": target is required when ice_weight != 0");
+  TORCH_CHECK_VALUE(target_in.has_value() || !target_required, op, ": target is required when ice_weight != 0");
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const Tensor logits = logits_in.contiguous();
   const Tensor target = checked_target(op, target_in, logits, ignore_index);
   const int64_t N = logits.size(0), C = logits.size(1);
   Tensor loss = at::empty({N}, logits.options());
   Tensor stats = at::empty({N, 2}, logits.options().dtype(at::kDouble));
-  if (N == 0) {
-    return {loss, stats};
+  if (N > 0) {
+    launch(logits, target, N, C, loss, stats);
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "suppression_loss_cuda", [&] {
-    suppression_forward_kernel<scalar_t><<<grid_for_rows(N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        logits.const_data_ptr<scalar_t>(), target.defined() ? target.const_data_ptr<int64_t>() : nullptr, N, C,
-        ignore_index, ice_weight, klu_weight, loss.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
   return {loss, stats};
+}
+
+template <typename Launch>
+Tensor backward_rows(const char* op, const Tensor& grad_loss_in, const Tensor& logits_in,
+                     const std::optional<Tensor>& target_in, bool target_required, const Tensor& stats_in,
+                     int64_t ignore_index, const Launch& launch) {
+  check_loss_logits(op, logits_in);
+  TORCH_CHECK_VALUE(target_in.has_value() || !target_required, op, ": target is required when ice_weight != 0");
+  check_row_input(op, "grad_loss", grad_loss_in, logits_in, 0);
+  check_row_input(op, "stats", stats_in, logits_in, 2);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const Tensor logits = logits_in.contiguous();
+  const Tensor target = checked_target(op, target_in, logits, ignore_index);
+  const Tensor grad_loss = grad_loss_in.to(logits.scalar_type()).contiguous();
+  const Tensor stats = stats_in.to(at::kDouble).contiguous();
+  const int64_t N = logits.size(0), C = logits.size(1);
+  Tensor grad = at::empty({N, C}, logits.options());
+  if (N > 0) {
+    launch(grad_loss, logits, target, stats, N, C, grad);
+  }
+  return grad;
+}
+
+const int64_t* target_data(const Tensor& target) {
+  return target.defined() ? target.const_data_ptr<int64_t>() : nullptr;
+}
+
+std::tuple<Tensor, Tensor> suppression_loss_cuda(const Tensor& logits_in, const std::optional<Tensor>& target_in,
+                                                 double ice_weight, double klu_weight, int64_t ignore_index) {
+  return forward_rows(
+      "sophon_ext::suppression_loss", logits_in, target_in, ice_weight != 0.0, ignore_index,
+      [&](const Tensor& logits, const Tensor& target, int64_t N, int64_t C, Tensor& loss, Tensor& stats) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "suppression_loss_cuda", [&] {
+          suppression_forward_kernel<scalar_t><<<grid_for_rows(N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              logits.const_data_ptr<scalar_t>(), target_data(target), N, C, ignore_index, ice_weight, klu_weight,
+              loss.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<double>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
 }
 
 Tensor suppression_loss_backward_cuda(const Tensor& grad_loss_in, const Tensor& logits_in,
                                       const std::optional<Tensor>& target_in, const Tensor& stats_in,
                                       double ice_weight, double klu_weight, int64_t ignore_index) {
-  constexpr const char* op = "sophon_ext::suppression_loss_backward";
-  check_loss_logits(op, logits_in);
-  TORCH_CHECK_VALUE(target_in.has_value() || ice_weight == 0.0, op, ": target is required when ice_weight != 0");
-  check_row_input(op, "grad_loss", grad_loss_in, logits_in, 0);
-  check_row_input(op, "stats", stats_in, logits_in, 2);
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const Tensor logits = logits_in.contiguous();
-  const Tensor target = checked_target(op, target_in, logits, ignore_index);
-  const Tensor grad_loss = grad_loss_in.to(logits.scalar_type()).contiguous();
-  const Tensor stats = stats_in.to(at::kDouble).contiguous();
-  const int64_t N = logits.size(0), C = logits.size(1);
-  Tensor grad = at::empty({N, C}, logits.options());
-  if (N == 0) {
-    return grad;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "suppression_loss_backward_cuda", [&] {
-    suppression_backward_kernel<scalar_t><<<grid_for_rows(N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        grad_loss.const_data_ptr<scalar_t>(), logits.const_data_ptr<scalar_t>(),
-        target.defined() ? target.const_data_ptr<int64_t>() : nullptr, stats.const_data_ptr<double>(), N, C,
-        ignore_index, ice_weight, klu_weight, grad.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return grad;
+  return backward_rows(
+      "sophon_ext::suppression_loss_backward", grad_loss_in, logits_in, target_in, ice_weight != 0.0, stats_in,
+      ignore_index,
+      [&](const Tensor& grad_loss, const Tensor& logits, const Tensor& target, const Tensor& stats, int64_t N,
+          int64_t C, Tensor& grad) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "suppression_loss_backward_cuda", [&] {
+          suppression_backward_kernel<scalar_t><<<grid_for_rows(N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              grad_loss.const_data_ptr<scalar_t>(), logits.const_data_ptr<scalar_t>(), target_data(target),
+              stats.const_data_ptr<double>(), N, C, ignore_index, ice_weight, klu_weight,
+              grad.mutable_data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
 }
 
 std::tuple<Tensor, Tensor> ice_reference_cuda(const Tensor& logits_in, const Tensor& target_in, int64_t ignore_index) {
-  constexpr const char* op = "sophon_ext::inverse_cross_entropy_reference";
-  check_loss_logits(op, logits_in);
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const Tensor logits = logits_in.contiguous();
-  const Tensor target = checked_target(op, target_in, logits, ignore_index);
-  const int64_t N = logits.size(0), C = logits.size(1);
-  Tensor loss = at::empty({N}, logits.options());
-  Tensor stats = at::empty({N, 2}, logits.options().dtype(at::kDouble));
-  if (N == 0) {
-    return {loss, stats};
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ice_reference_cuda", [&] {
-    ice_reference_forward_kernel<scalar_t><<<grid_for_rows(N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), N, C, ignore_index,
-        loss.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {loss, stats};
+  return forward_rows(
+      "sophon_ext::inverse_cross_entropy_reference", logits_in, target_in, true, ignore_index,
+      [&](const Tensor& logits, const Tensor& target, int64_t N, int64_t C, Tensor& loss, Tensor& stats) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ice_reference_cuda", [&] {
+          ice_reference_forward_kernel<scalar_t><<<grid_for_rows(N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), N, C, ignore_index,
+              loss.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<double>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
 }
 
 Tensor ice_reference_backward_cuda(const Tensor& grad_loss_in, const Tensor& logits_in, const Tensor& target_in,
                                    const Tensor& stats_in, int64_t ignore_index) {
-  constexpr const char* op = "sophon_ext::inverse_cross_entropy_reference_backward";
-  check_loss_logits(op, logits_in);
-  check_row_input(op, "grad_loss", grad_loss_in, logits_in, 0);
-  check_row_input(op, "stats", stats_in, logits_in, 2);
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const Tensor logits = logits_in.contiguous();
-  const Tensor target = checked_target(op, target_in, logits, ignore_index);
-  const Tensor grad_loss = grad_loss_in.to(logits.scalar_type()).contiguous();
-  const Tensor stats = stats_in.to(at::kDouble).contiguous();
-  const int64_t N = logits.size(0), C = logits.size(1);
-  Tensor grad = at::empty({N, C}, logits.options());
-  if (N == 0) {
-    return grad;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ice_reference_backward_cuda", [&] {
-    ice_reference_backward_kernel<scalar_t><<<grid_for_rows(N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        grad_loss.const_data_ptr<scalar_t>(), logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(),
-        stats.const_data_ptr<double>(), N, C, ignore_index, grad.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return grad;
+  return backward_rows(
+      "sophon_ext::inverse_cross_entropy_reference_backward", grad_loss_in, logits_in, target_in, true, stats_in,
+      ignore_index,
+      [&](const Tensor& grad_loss, const Tensor& logits, const Tensor& target, const Tensor& stats, int64_t N,
+          int64_t C, Tensor& grad) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ice_reference_backward_cuda", [&] {
+          ice_reference_backward_kernel<scalar_t><<<grid_for_rows(N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              grad_loss.const_data_ptr<scalar_t>(), logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(),
+              stats.const_data_ptr<double>(), N, C, ignore_index, grad.mutable_data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
 }
 
 }  // namespace
