@@ -9,9 +9,9 @@
 # Needs the Quickstart's .venv (bash scripts/setup.sh). Everything lands under OUT/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out="$1"; shift
+mkdir -p "$1"
+out="$(cd "$1" && pwd)"; shift  # absolute: the summary below runs from /
 venv="$(cd "${VENV:-.venv}" && pwd)"
-mkdir -p "$out"
 "$venv/bin/sophon" demo --no-progress --out "$out" "$@" | tee "$out/demo.txt"
 # the grids attack the demo's own domains (they may be swapped with --set data.original.name=...)
 read -r original restricted < <("$venv/bin/python" -c "import sys, yaml; d = yaml.safe_load(open(sys.argv[1]))['data']; print(d['original']['name'], d['restricted']['name'])" "$out/config.yaml")
@@ -22,7 +22,7 @@ for grid in default methods; do
 done
 [ "${RED_TEAM:-1}" = 0 ] || "$venv/bin/python" scripts/red_team.py --protected "$out/protected.safetensors" --unprotected "$out/pretrained.safetensors" \
   --original "$original" --restricted "$restricted" --out "$out/red_team" --threads "$("$venv/bin/python" -c "import torch; print(torch.get_num_threads())")" --no-progress > "$out/red_team.txt"
-(cd / && "$venv/bin/python" - "$OLDPWD/$out" <<'PY'
+(cd / && "$venv/bin/python" - "$out" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
