@@ -197,15 +197,20 @@ def test_bad_data_is_named():
         Sophon(model_for_test(), "mnist", preloaded(2), small_config(), progress=False)
 
 
+def importable_module(tmp_path, monkeypatch, name: str, source: str) -> None:
+    """A user's module ``name`` holding ``source``, importable (freshly) for the test's duration."""
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+
+
 def test_attack_cli_data_source_takes_a_python_reference(tmp_path, monkeypatch):
-    (tmp_path / "my_data.py").write_text(
+    importable_module(tmp_path, monkeypatch, "my_data", (
         "import torch\n"
         "from torch.utils.data import DataLoader, TensorDataset\n"
         "def make():\n"
         "    return DataLoader(TensorDataset(torch.randn(10, 1, 4, 4), torch.arange(10) % 2), batch_size=4)\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "my_data", raising=False)
+    ))
     data = load_domain("my_data:make")
     assert isinstance(data, MapDataset) and len(data) == 10 and data.num_classes == 2
     with pytest.raises(ValueError, match="'my_data:nothing': module 'my_data' has no attribute 'nothing'"):
@@ -218,7 +223,7 @@ def test_a_config_data_source_takes_a_python_reference_read_on_demand(tmp_path, 
     from sophon_ext.config import ConfigError
     from sophon_ext.workflow import load_domains, run_pretrain
 
-    (tmp_path / "config_data.py").write_text(
+    importable_module(tmp_path, monkeypatch, "config_data", (
         "import torch\n"
         "from torch.utils.data import Dataset\n"
         "class Noisy(Dataset):\n"
@@ -234,9 +239,7 @@ def test_a_config_data_source_takes_a_python_reference_read_on_demand(tmp_path, 
         "    return Noisy(n, shift)\n"
         "def broken(n):\n"
         "    raise RuntimeError('no such data')\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "config_data", raising=False)
+    ))
     data = {"original": {"source": "reference", "name": "config_data:make", "kwargs": {"n": 90}},
             "restricted": {"source": "reference", "name": "config_data:make", "kwargs": {"n": 60, "shift": -1.0}, "limit": 50}}
     model = {"name": "small_cnn", "kwargs": {"width": 4, "depth": 2}}
