@@ -392,7 +392,7 @@ def test_a_checkpoint_iteration_beyond_its_run_is_refused(finished_run, capsys):
 @pytest.mark.parametrize("compiled", [True, False], ids=["op", "reference"])
 @pytest.mark.parametrize("name, value", [("step", -1.0), ("step", float("nan")), ("lr", float("inf")), ("lr", float("nan"))])
 def test_the_fused_update_refuses_values_that_would_write_nan(name, value, compiled):
-    from sophon_ext.optim import fused
+    from sophon_ext.ops import multi_step as fused
 
     params, grads = torch.zeros(2, 3), torch.ones(2, 3)
     state1, state2 = torch.zeros(2, 3), torch.zeros(2, 3)

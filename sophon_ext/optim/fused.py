@@ -24,15 +24,7 @@ import torch
 from torch import Tensor, nn
 
 # Importing ops.multi_step registers the op (torch.ops.sophon_ext.multi_step_update_).
-# _check_arguments and _reference are re-exported for the tests that call the reference directly.
-from ..ops.multi_step import (  # noqa: F401
-    FUSED_KINDS,
-    _HP_ARGS,
-    _STATE_BUFFERS,
-    _check_arguments,
-    _reference,
-    multi_step_update_op,
-)
+from ..ops.multi_step import FUSED_KINDS, _HP_ARGS, _STATE_BUFFERS, multi_step_update_op
 from .functional import HyperParam, get_functional_optimizer, validate_hparams
 from .presets import resolve_preset
 

@@ -15,7 +15,7 @@ from ..methods import check_param_values, get_method
 from ..optim.functional import get_functional_optimizer, validate_hparams
 from ..optim.presets import resolve_preset
 from ..strategies import FineTuneStrategy
-from .autotune import VARIANTS, reported_path, run_chunk
+from .autotune import VARIANTS, run_chunk
 from .batches import apply_transform, check_data, compose_transforms, draw_batches, stacked_batch
 from .memory import activation_bytes_per_sample, auto_chunk_size, is_out_of_memory, trajectory_bytes
 from .paths import Chunk, UpdateGroup
