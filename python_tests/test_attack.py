@@ -180,6 +180,8 @@ def test_every_method_trains_exactly_its_parameters(method, digits):
         "renorm": {n for n, _ in model.named_parameters()},
         "standardise": {f"model.{n}" for n, _ in model.named_parameters()},  # behind the input change
         "reframe": {f"model.{n}" for n, _ in model.named_parameters()},
+        "reframe_head": {f"model.{n}" for n, _ in model.named_parameters()},
+        "renorm_head": {n for n, _ in model.named_parameters()},
         "head_only": {"head.weight", "head.bias"},
         "freeze_first": set(surgery.parameter_names(model, layers[1:])),
         "probe": {"linear.weight", "linear.bias"},

@@ -273,6 +273,11 @@ for _method in (
     FineTuneMethod("standardise", "inputs standardised per sample, then full fine-tuning", input_change=standardise_inputs),
     FineTuneMethod("reframe", "inputs re-framed by a seeded gamma/contrast/blur-or-sharpen change, then full",
                    input_change_from_seed=random_reframing),
+    # the two changes together: a new head learns on features the input or weight change revives
+    FineTuneMethod("reframe_head", "inputs re-framed (as `reframe`) and head re-initialised, then full",
+                   reinit="head", input_change_from_seed=random_reframing),
+    FineTuneMethod("renorm_head", "layer-wise re-normalisation (as `renorm`) and head re-initialised, then full",
+                   reinit="head", param_change=renormalise_layers),
     FineTuneMethod("probe", "a new linear layer on a frozen intermediate layer (harness only)", simulated=False),
     FineTuneMethod("lora", "low-rank adapters on linear/conv/attention projections (harness only)", simulated=False),
 ):
