@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -142,3 +143,89 @@ def test_registry_refuses_duplicates_and_unknown_names():
     with pytest.raises(ValueError, match=r"returned 'nope', not a parameter"):
         FineTuneMethod("y", "", param_change=lambda p, m: {"nope": torch.zeros(1)}).simulated_start(
             model(), dict(model().named_parameters()), [], torch.Generator())
+
+
+class _ScaledLinear(nn.Module):
+    """A custom layer with its own initialisation (what a generic rule would get wrong)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(3, 5))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, mean=2.0, std=0.1)
+
+
+def _reset_with_seed(module: nn.Module, seed: int) -> dict:
+    """What ``module.reset_parameters()`` draws when the global RNG is seeded with ``seed``."""
+    fresh = copy.deepcopy(module).float()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        (getattr(fresh, "reset_parameters", None) or fresh._reset_parameters)()
+    return {n: p.detach() for n, p in fresh.named_parameters(recurse=False)}
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Conv2d(3, 6, 3), lambda: nn.Linear(7, 4), lambda: nn.Embedding(11, 5),
+                                  lambda: nn.LayerNorm(6), lambda: nn.MultiheadAttention(8, 2), _ScaledLinear],
+                         ids=["conv", "linear", "embedding", "layernorm", "multihead_attention", "custom"])
+def test_fresh_parameters_are_the_layers_own_reset_parameters(make):
+    from sophon_ext.surgery import fresh_parameters
+
+    seed = int(torch.randint(0, 2**31, ()))
+    module = make().double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p))  # "trained": far from any initialisation
+    before = {n: p.clone() for n, p in module.named_parameters()}
+    generator = torch.Generator().manual_seed(seed)
+    fresh = fresh_parameters(module, generator)
+    expected = _reset_with_seed(module, seed)
+    assert set(fresh) == {n for n, _ in module.named_parameters(recurse=False)}
+    for name, value in fresh.items():
+        assert value.dtype == torch.float64  # the module's dtype, values drawn in float32 whatever it is
+        assert torch.equal(value, expected[name].double()), name
+        assert not torch.equal(value, before[name])
+    assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())  # the module is untouched
+    # the same generator state gives the same values
+    again = fresh_parameters(module, torch.Generator().manual_seed(seed))
+    assert all(torch.equal(again[n], fresh[n]) for n in fresh)
+    if not isinstance(module, nn.LayerNorm):  # (ones and zeros: nothing drawn)
+        # the generator moved past the draws: the next values differ
+        assert not torch.equal(generator.get_state(), torch.Generator().manual_seed(seed).get_state())
+        following = fresh_parameters(module, generator)
+        assert any(not torch.equal(following[n], fresh[n]) for n in fresh)
+
+
+def test_fresh_parameters_of_a_layer_without_reset_use_the_default_rule_and_refuse_a_cuda_generator():
+    from sophon_ext.surgery import fresh_parameters
+
+    class Bare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.full((4, 9), 5.0))
+            self.bias = nn.Parameter(torch.full((4,), 5.0))
+
+    fresh = fresh_parameters(Bare(), torch.Generator().manual_seed(0))
+    assert fresh["weight"].abs().max() <= 1 / 3 and fresh["bias"].abs().max() <= 1 / 3  # +-1/sqrt(fan_in = 9)
+    assert fresh["weight"].std() > 0.05
+    with pytest.raises(ValueError, match="generator: must be a CPU"):
+        # (a stand-in: no CUDA generator can be built without a GPU)
+        fresh_parameters(nn.Linear(2, 2), types.SimpleNamespace(device=torch.device("cuda", 0)))
+
+
+def test_fresh_model_draws_every_layer_in_turn_from_the_global_rng_when_asked():
+    from sophon_ext.surgery import fresh_model
+
+    net = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.BatchNorm1d(6))
+    net[3].running_mean.fill_(3.0)
+    torch.manual_seed(0)
+    fresh = fresh_model(net, torch.default_generator)
+    after = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    expected = [nn.Linear(6, 6), nn.Linear(6, 6)]  # what building the layers in turn draws
+    assert torch.equal(after, torch.random.get_rng_state())  # the global RNG advanced past the draws
+    for got, want in zip((fresh[0], fresh[2]), expected):
+        assert torch.equal(got.weight, want.weight) and torch.equal(got.bias, want.bias)
+    assert not torch.equal(fresh[0].weight, fresh[2].weight)
+    assert torch.equal(fresh[3].running_mean, torch.zeros(6)) and torch.equal(net[3].running_mean, torch.full((6,), 3.0))

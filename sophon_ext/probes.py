@@ -13,7 +13,6 @@ the recipe's family member in the worst-case sampler.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -22,19 +21,7 @@ from torch import nn
 from .attack import AttackSpec, fine_tune
 from .data import ArrayDataset, split
 from .report import area_under_curve, chance_level, escapes
-
-
-def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
-    """``model``'s architecture with every module's default initialisation, drawn from ``seed``."""
-    fresh = copy.deepcopy(model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in fresh.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-            if hasattr(module, "reset_running_stats"):
-                module.reset_running_stats()
-    return fresh
+from .surgery import fresh_model
 
 
 class AttackProbes:
@@ -61,7 +48,7 @@ class AttackProbes:
         for spec in specs:
             protected = fine_tune(model, spec, self.task, self.train, self.test, device=self.device, head=self.head)["metric"]
             if spec.name not in self._scratch:
-                scratch_model = fresh_copy(model, spec.seed)
+                scratch_model = fresh_model(model, torch.Generator().manual_seed(spec.seed))
                 self._scratch[spec.name] = fine_tune(scratch_model, spec, self.task, self.train, self.test,
                                                      device=self.device, head=self.head)["metric"]
             scratch = self._scratch[spec.name]
@@ -79,4 +66,4 @@ def _last(curve: list) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-__all__ = ["AttackProbes", "fresh_copy"]
+__all__ = ["AttackProbes"]

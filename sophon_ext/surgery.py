@@ -8,6 +8,7 @@ order data flows through them.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Iterable, Sequence
 
@@ -87,29 +88,60 @@ def parameter_names(model: nn.Module, module_names: Iterable[str]) -> list[str]:
 
 @torch.no_grad()
 def fresh_parameters(module: nn.Module, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """New values for ``module``'s own parameters, drawn as torch's default init
-    would (kaiming-uniform(a=sqrt(5)) weights, uniform(+-1/sqrt(fan_in)) biases;
-    norm layers: ones and zeros), from ``generator`` so a seed fixes them.
-    Returns a dict keyed by the parameter's local name; the module is untouched.
+    """New values for ``module``'s own parameters, as a newly built layer of its kind has them.
+
+    A CPU float32 copy of the module runs its own ``reset_parameters()`` (or
+    ``_reset_parameters()``, as ``nn.MultiheadAttention`` names it) with the
+    global RNG set to ``generator``'s state, and ``generator`` is then advanced
+    past the draws; so a seed fixes the values, whatever the module's device
+    and dtype. A module with neither method gets torch's default rule for
+    linear and conv layers (uniform(+-1/sqrt(fan_in)) weights and biases; ones
+    and zeros for a norm layer). Returns a dict keyed by the parameter's local
+    name; the module is untouched.
     """
-    out = {}
-    params = dict(module.named_parameters(recurse=False))
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"generator: must be a CPU torch.Generator, got one on {generator.device}")
+    own = dict(module.named_parameters(recurse=False))
+    fresh = copy.deepcopy(module).to(device="cpu", dtype=torch.float32)
+    reset = getattr(fresh, "reset_parameters", None) or getattr(fresh, "_reset_parameters", None)
+    if generator is None:  # the global RNG, as the layer's constructor would use it
+        drawn = _drawn(fresh, reset)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(generator.get_state())
+            drawn = _drawn(fresh, reset)
+            after = torch.get_rng_state()
+        generator.set_state(after)  # after the fork restored the global RNG: ``generator`` may be it
+    return {name: drawn[name].to(device=p.device, dtype=p.dtype) for name, p in own.items()}
+
+
+def _drawn(fresh: nn.Module, reset) -> dict[str, torch.Tensor]:
+    """``fresh``'s own parameters after ``reset()``, or after the default rule when it has none."""
+    if callable(reset):
+        reset()
+        return {name: p.detach() for name, p in fresh.named_parameters(recurse=False)}
+    params = dict(fresh.named_parameters(recurse=False))
+    if isinstance(fresh, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+        return {name: torch.ones_like(p) if name == "weight" else torch.zeros_like(p) for name, p in params.items()}
     weight = params.get("weight")
-    is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
-    fan_in = None
-    if weight is not None and weight.dim() >= 2:
-        fan_in = weight[0].numel()
+    fan_in = weight[0].numel() if weight is not None and weight.dim() >= 2 else None
+    out = {}
     for name, p in params.items():
-        if is_norm:
-            out[name] = torch.ones_like(p) if name == "weight" else torch.zeros_like(p)
-            continue
-        if name == "weight" and p.dim() >= 2:
-            bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)) gives this bound
-        else:
-            bound = 1.0 / math.sqrt(fan_in) if fan_in else 1.0 / math.sqrt(max(p.numel(), 1))
-        noise = torch.rand(p.shape, generator=generator, dtype=torch.float32, device="cpu")
-        out[name] = ((noise * 2 - 1) * bound).to(device=p.device, dtype=p.dtype)
+        bound = 1.0 / math.sqrt(fan_in if fan_in else max(p.numel(), 1))
+        out[name] = (torch.rand(p.shape, dtype=torch.float32) * 2 - 1) * bound
     return out
+
+
+def fresh_model(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """A copy of ``model`` with every parametrised layer re-initialised (:func:`fresh_parameters`,
+    from ``generator``) and every norm layer's running statistics reset: its architecture
+    trained from scratch starts here."""
+    fresh = copy.deepcopy(model)
+    reinitialise(fresh, parametrised_layers(fresh), generator)
+    for module in fresh.modules():
+        if hasattr(module, "reset_running_stats"):
+            module.reset_running_stats()
+    return fresh
 
 
 @torch.no_grad()

@@ -77,16 +77,8 @@ def _run_key(spec: AttackSpec, model_fp: str, data_fp: str, task, head: str | No
 
 def default_scratch_factory(model: nn.Module) -> Callable[[], nn.Module]:
     """Scratch = ``model``'s architecture with every parametrised layer re-initialised
-    (torch's default init, from the global RNG the harness seeds per attack) and
-    norm statistics reset."""
-    def factory() -> nn.Module:
-        fresh = copy.deepcopy(model)
-        surgery.reinitialise(fresh, surgery.parametrised_layers(fresh), torch.default_generator)
-        for module in fresh.modules():
-            if hasattr(module, "reset_running_stats"):
-                module.reset_running_stats()
-        return fresh
-    return factory
+    (from the global RNG the harness seeds per attack) and norm statistics reset."""
+    return lambda: surgery.fresh_model(model, torch.default_generator)
 
 
 def _build_scratch(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
