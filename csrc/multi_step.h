@@ -3,10 +3,11 @@
 //
 // N trajectories' parameters live in one (N, P) buffer. Per call: the
 // arguments are checked, fill_row() turns each trajectory's hyperparameters
-// and step count into a row of coefficients (and flags out-of-range values),
-// then the kernels make one pass over the flat buffers applying the element
-// rules below. The rules follow torch.optim's single-tensor formulas in the
-// same order of operations (as sophon_ext/optim/functional.py does).
+// and step count into a row of coefficients (and flags out-of-range values,
+// which the call reports unless check_values is false), then the kernels make
+// one pass over the flat buffers applying the element rules below. The rules
+// follow torch.optim's single-tensor formulas in the same order of operations
+// (as sophon_ext/optim/functional.py does).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -62,7 +63,8 @@ struct RowInputs {
 };
 
 // Fills one row of the coefficient table; returns a bit mask of broken rules.
-// `sgd_buffers`: whether kind sgd was given momentum buffers.
+// `sgd_buffers`: whether kind sgd was given momentum buffers. Whatever the
+// values, the row never makes the kernels touch a buffer that was not given.
 C10_HOST_DEVICE inline int fill_row(Kind kind, bool nesterov, bool sgd_buffers, const RowInputs& x, double* c) {
   int broken = 0;
   auto rule = [&broken](bool ok, Rule r) {
@@ -99,13 +101,13 @@ C10_HOST_DEVICE inline int fill_row(Kind kind, bool nesterov, bool sgd_buffers, 
   c[kBias2Sqrt] = ::sqrt(1 - ::pow(x.beta2, t));
   c[kDecay] = 1 - x.lr * x.weight_decay;
   c[kHasWeightDecay] = x.weight_decay != 0;
-  c[kHasMomentum] = x.momentum != 0;
+  c[kHasMomentum] = x.momentum != 0 && sgd_buffers;  // unchecked values: no momentum without buffers
   c[kFirstStep] = x.step == 0;
   c[kLerpFromStart] = ::fabs(1 - x.beta1) < 0.5;
   return broken;
 }
 
-// --- host helpers, defined in csrc/cpu/multi_step.cpp ---
+// --- host helpers, defined in csrc/multi_step_checks.cpp ---
 
 // Checks kind, shapes, dtypes, devices and layout (ValueError / TypeError
 // naming the argument and what is accepted); returns the kind.

@@ -29,8 +29,11 @@ TORCH_LIBRARY(sophon_ext, m) {
   // One update of N trajectories' stacked flat parameters (N, P), in place.
   // kind: sgd (momentum, dampening, nesterov) | adam | adamw | lion; hyperparameters
   // and step counters are (N,) tensors. See csrc/multi_step.h.
+  // check_values=False skips the range checks of the hyperparameter and step values (the CUDA
+  // kernel's one device->host copy), for callers that checked them once themselves; shapes,
+  // dtypes and devices are always checked.
   m.def(
       "multi_step_update_(Tensor(a!) params, Tensor grads, Tensor(b!) state1, Tensor(c!) state2, "
       "Tensor(d!) step, Tensor lr, Tensor momentum, Tensor dampening, Tensor beta1, Tensor beta2, "
-      "Tensor weight_decay, Tensor eps, str kind, bool nesterov) -> ()");
+      "Tensor weight_decay, Tensor eps, str kind, bool nesterov, bool check_values=True) -> ()");
 }

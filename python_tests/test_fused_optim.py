@@ -14,7 +14,8 @@ from sophon_ext.optim import (
     make_torch_optimizer,
     torch_optimizer_kwargs,
 )
-from sophon_ext.ops.multi_step import _check_arguments, multi_step_update_op
+import sophon_ext.optim.fused as fused_module
+from sophon_ext.ops.multi_step import _check_arguments, _reference, multi_step_update_op
 from sophon_ext.optim.fused import flat_views
 
 # (kind, nesterov) pairs; sgd covers plain, momentum+dampening and Nesterov rows
@@ -277,6 +278,108 @@ def test_op_rejects_nesterov_outside_sgd_and_without_momentum():
     args[6][0] = 0.0  # momentum of trajectory 0
     with pytest.raises(ValueError, match="momentum must be > 0 with nesterov"):
         multi_step_update_op(*args, "sgd", True)
+
+
+# the compiled op (its kernel when built) and the pure-PyTorch reference
+UPDATES = pytest.mark.parametrize("update", [multi_step_update_op, _reference], ids=["op", "reference"])
+
+
+@UPDATES
+@pytest.mark.parametrize("kind,nesterov,buffers", [(k, nv, True) for k, nv in KINDS] + [("sgd", False, False)])
+def test_unchecked_values_give_the_checked_update(update, kind, nesterov, buffers):
+    # valid values: check_values=False changes nothing but the check (sgd without buffers: every momentum 0)
+    gen = torch.Generator().manual_seed(11)
+    n, size = 3, 37
+    hp = _random_hparams(n, kind, nesterov, gen)
+    if not buffers:
+        hp["momentum"].zero_()
+    params = torch.randn(n, size, generator=gen, dtype=torch.float64)
+    grads_seq = [torch.randn(n, size, generator=gen, dtype=torch.float64) for _ in range(3)]
+    state1 = torch.randn_like(params) if buffers else torch.empty(0, dtype=torch.float64)
+    runs = {}
+    for check_values in (True, False):
+        tensors = [params.clone(), state1.clone(), torch.zeros_like(params), torch.zeros(n, dtype=torch.float64)]
+        p, s1, s2, step = tensors
+        for grads in grads_seq:
+            update(p, grads, s1, s2, step, *hp.values(), kind, nesterov, check_values)
+        runs[check_values] = tensors
+    for checked, unchecked in zip(runs[True], runs[False]):
+        assert torch.equal(checked, unchecked)
+    assert torch.equal(runs[False][3], torch.full((n,), 3.0, dtype=torch.float64))
+    assert not torch.equal(runs[False][0], params)
+
+
+@UPDATES
+def test_unchecked_values_are_used_as_given(update):
+    # the contract of check_values=False: the caller checked the values; out-of-range ones are not refused
+    lr, eps = torch.tensor([0.1, -0.5], dtype=torch.float64), torch.full((2,), 1e-12, dtype=torch.float64)
+    args = _op_args("adam", dtype=torch.float64, lr=lr, eps=eps)
+    args[1].copy_(torch.randn(2, 5, generator=torch.Generator().manual_seed(12), dtype=torch.float64))
+    refused = "lr must be finite and >= 0 for every trajectory, got -0.5 at trajectory 1"
+    for checked in ((), (True,)):  # the default checks
+        with pytest.raises(ValueError, match=refused):
+            update(*args, "adam", False, *checked)
+        assert not args[0].any() and not args[4].any()  # refused before anything was written
+    update(*args, "adam", False, False)
+    # Adam's first step moves by lr * sign(grad) (up to eps): here uphill on trajectory 1
+    torch.testing.assert_close(args[0], -lr[:, None] * args[1].sign(), rtol=0, atol=1e-6)
+    assert torch.equal(args[4], torch.ones(2, dtype=torch.float64))
+
+
+@UPDATES
+def test_unchecked_momentum_without_buffers_is_plain_sgd(update):
+    # an unchecked momentum cannot make the kernels touch momentum buffers that were not given
+    gen = torch.Generator().manual_seed(13)
+    params, grads = (torch.randn(2, 37, generator=gen, dtype=torch.float64) for _ in range(2))
+    hp = _random_hparams(2, "sgd", False, gen)
+    hp["momentum"].fill_(0.9)
+    expected = params - hp["lr"][:, None] * (grads + hp["weight_decay"][:, None] * params)
+    empty = torch.empty(0, dtype=torch.float64)
+    step = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"momentum must be 0 when state1 \(momentum buffers\) is empty"):
+        update(params, grads, empty, empty, step, *hp.values(), "sgd", False, True)
+    update(params, grads, empty, empty, step, *hp.values(), "sgd", False, False)
+    torch.testing.assert_close(params, expected, rtol=1e-14, atol=1e-14)
+
+
+def test_fused_optimizer_checks_values_once_then_calls_the_op_unchecked(monkeypatch):
+    params = {"w": torch.zeros(2, 3, dtype=torch.float64)}
+    # the same errors as before, when the hyperparameters are given
+    with pytest.raises(ValueError, match=r"hp\['lr'\]: must be >= 0.*-1"):
+        FusedMultiTrajectoryOptimizer(params, "adam", {"lr": [0.1, -1.0]})
+    with pytest.raises(ValueError, match=r"hp\['beta1'\]: must be in \[0, 1\).*1"):
+        FusedMultiTrajectoryOptimizer(params, "adam", {"beta1": [0.9, 1.0]})
+    # a rule only the op has: the op's message
+    with pytest.raises(ValueError, match="multi_step_update_: lr must be finite and >= 0 for every trajectory, "
+                                         "got inf at trajectory 1"):
+        FusedMultiTrajectoryOptimizer(params, "adam", {"lr": [0.1, float("inf")]})
+    fused = FusedMultiTrajectoryOptimizer(params, "adam", {"lr": [0.1, 0.2]})
+    with pytest.raises(ValueError, match="lr must be finite and >= 0 for every trajectory, got inf at trajectory 0"):
+        fused.set_hparams({"lr": [float("inf"), 0.2]})
+    assert torch.equal(fused.state_dict()["hparams"]["lr"], torch.tensor([0.1, 0.2], dtype=torch.float64))
+
+    check_values_seen = []
+
+    def recording(*args, **kwargs):
+        check_values_seen.append(kwargs.get("check_values", args[14] if len(args) > 14 else True))
+        return multi_step_update_op(*args, **kwargs)
+
+    monkeypatch.setattr(fused_module, "multi_step_update_op", recording)
+    for _ in range(3):
+        fused.step({"w": torch.ones(2, 3, dtype=torch.float64)})
+    assert check_values_seen == [False, False, False]
+    assert torch.equal(fused.step_count, torch.full((2,), 3.0, dtype=torch.float64))
+    # a loaded state is checked when loaded (its step counts were not written by the op), and refused whole
+    saved = fused.state_dict()
+    saved["state"]["step"][1] = -1.0
+    with pytest.raises(ValueError, match="step must be finite and >= 0 for every trajectory, got -1.0 at trajectory 1"):
+        fused.load_state_dict(saved)
+    saved = fused.state_dict()
+    saved["hparams"]["eps"][0] = -1.0
+    with pytest.raises(ValueError, match="eps must be >= 0 for every trajectory, got -1.0 at trajectory 0"):
+        fused.load_state_dict(saved)
+    assert torch.equal(fused.step_count, torch.full((2,), 3.0, dtype=torch.float64))
+    assert torch.equal(fused.state_dict()["hparams"]["eps"], torch.full((2,), 1e-8, dtype=torch.float64))
 
 
 def test_device_mismatch_is_reported():

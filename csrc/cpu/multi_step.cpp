@@ -24,7 +24,7 @@ void multi_step_update_cpu(const at::Tensor& params, const at::Tensor& grads, co
                            const at::Tensor& state2, const at::Tensor& step, const at::Tensor& lr,
                            const at::Tensor& momentum, const at::Tensor& dampening, const at::Tensor& beta1,
                            const at::Tensor& beta2, const at::Tensor& weight_decay, const at::Tensor& eps,
-                           c10::string_view kind_name, bool nesterov) {
+                           c10::string_view kind_name, bool nesterov, bool check_values) {
   const at::Tensor* hparams[7] = {&lr, &momentum, &dampening, &beta1, &beta2, &weight_decay, &eps};
   const Kind kind = check_arguments(params, grads, state1, state2, step, hparams,
                                     std::string_view(kind_name.data(), kind_name.size()), nesterov);
@@ -46,7 +46,7 @@ void multi_step_update_cpu(const at::Tensor& params, const at::Tensor& grads, co
     mask[row] = fill_row(kind, nesterov, sgd_buffers, x, coefs.data() + row * kNumCoefs);
     any_broken |= mask[row];
   }
-  if (any_broken) throw_broken_rule(masks, step, hparams);
+  if (check_values && any_broken) throw_broken_rule(masks, step, hparams);  // false: the caller checked them
 
   step.add_(1);
   if (params.numel() == 0) return;

@@ -1,9 +1,11 @@
 // CUDA kernels of sophon_ext::multi_step_update_ (schema in csrc/ops.cpp).
-// Argument checks come from csrc/cpu/multi_step.cpp, the per-trajectory
-// coefficients (fill_row) and element rules from csrc/multi_step.h.
+// Argument checks and rule messages come from csrc/multi_step_checks.cpp, the
+// per-trajectory coefficients (fill_row) and element rules from csrc/multi_step.h.
 // A one-block prologue fills the (N, kNumCoefs) table on the device; the main
 // kernel is one grid-stride loop over the flat (N, P) buffer, each element
 // reading its row's coefficients (N is small, so the table stays in cache).
+// Reporting out-of-range values needs a device->host copy; with check_values
+// false the call has no host sync at all.
 #include "multi_step.h"
 
 #include <ATen/ATen.h>
@@ -25,7 +27,7 @@ struct ScalarOps {
   }
 };
 
-// One thread per trajectory: coefficients and broken-rule masks.
+// One thread per trajectory: coefficients and broken-rule masks (`masks` null: not wanted).
 template <typename step_t>
 __global__ void fill_rows_kernel(Kind kind, bool nesterov, bool sgd_buffers, const double* __restrict__ hp,
                                  const step_t* __restrict__ step, int64_t rows, double* __restrict__ coefs,
@@ -35,7 +37,8 @@ __global__ void fill_rows_kernel(Kind kind, bool nesterov, bool sgd_buffers, con
     // hp: (7, N) in the schema's order lr, momentum, dampening, beta1, beta2, weight_decay, eps
     const RowInputs x{hp[row],        hp[rows + row],     hp[2 * rows + row],       hp[3 * rows + row],
                       hp[4 * rows + row], hp[5 * rows + row], hp[6 * rows + row], static_cast<double>(step[row])};
-    masks[row] = fill_row(kind, nesterov, sgd_buffers, x, coefs + row * kNumCoefs);
+    const int broken = fill_row(kind, nesterov, sgd_buffers, x, coefs + row * kNumCoefs);
+    if (masks != nullptr) masks[row] = broken;
   }
 }
 
@@ -84,7 +87,7 @@ void multi_step_update_cuda(const at::Tensor& params, const at::Tensor& grads, c
                             const at::Tensor& state2, const at::Tensor& step, const at::Tensor& lr,
                             const at::Tensor& momentum, const at::Tensor& dampening, const at::Tensor& beta1,
                             const at::Tensor& beta2, const at::Tensor& weight_decay, const at::Tensor& eps,
-                            c10::string_view kind_name, bool nesterov) {
+                            c10::string_view kind_name, bool nesterov, bool check_values) {
   const at::Tensor* hparams[7] = {&lr, &momentum, &dampening, &beta1, &beta2, &weight_decay, &eps};
   const Kind kind = check_arguments(params, grads, state1, state2, step, hparams,
                                     std::string_view(kind_name.data(), kind_name.size()), nesterov);
@@ -94,18 +97,18 @@ void multi_step_update_cuda(const at::Tensor& params, const at::Tensor& grads, c
 
   const at::Tensor hp = at::stack({lr, momentum, dampening, beta1, beta2, weight_decay, eps}).to(at::kDouble);
   const at::Tensor coefs = at::empty({n, kNumCoefs}, params.options().dtype(at::kDouble));
-  const at::Tensor masks = at::empty({n}, params.options().dtype(at::kInt));
+  const at::Tensor masks = check_values ? at::empty({n}, params.options().dtype(at::kInt)) : at::Tensor();
   if (n > 0) {
     AT_DISPATCH_FLOATING_TYPES(step.scalar_type(), "multi_step_fill_rows", [&] {
       const int threads = static_cast<int>(std::min<int64_t>(n, 256));
       const int64_t blocks = (n + threads - 1) / threads;
       fill_rows_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
           kind, nesterov, state1.numel() != 0, hp.const_data_ptr<double>(), step.const_data_ptr<scalar_t>(), n,
-          coefs.data_ptr<double>(), masks.data_ptr<int32_t>());
+          coefs.data_ptr<double>(), check_values ? masks.data_ptr<int32_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    // the one device->host copy of the call: were any values out of range?
-    if (masks.max().item<int32_t>() != 0) throw_broken_rule(masks.cpu(), step, hparams);
+    // the one device->host copy of a checked call: were any values out of range?
+    if (check_values && masks.max().item<int32_t>() != 0) throw_broken_rule(masks.cpu(), step, hparams);
   }
 
   step.add_(1);

@@ -13,6 +13,12 @@ copies does its backward passes as usual and then calls one ``step()``.
 
 The op is not differentiable (it is for first-order updates); differentiate
 through :mod:`sophon_ext.optim.functional` instead.
+
+The optimizer checks its hyperparameter values when they are set (and the
+step counts when a state is loaded) and then calls the op with
+``check_values=False``: its steps never wait for the device (the op's own
+value check is a device->host copy on CUDA). The step counts it owns are
+written by the op only, so they stay valid.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 # Importing ops.multi_step registers the op (torch.ops.sophon_ext.multi_step_update_).
-from ..ops.multi_step import FUSED_KINDS, _HP_ARGS, _STATE_BUFFERS, multi_step_update_op
+from ..ops.multi_step import FUSED_KINDS, _HP_ARGS, _STATE_BUFFERS, check_value_rules, multi_step_update_op
 from .functional import HyperParam, get_functional_optimizer, validate_hparams
 from .presets import resolve_preset
 
@@ -45,6 +51,7 @@ def multi_step_update_(
     weight_decay: Tensor,
     eps: Tensor,
     nesterov: bool = False,
+    check_values: bool = True,
 ) -> None:
     """Update ``params`` (N, P) in place from ``grads`` (N, P); keyword access to the op.
 
@@ -52,10 +59,13 @@ def multi_step_update_(
     empty tensor when every momentum is 0; adam/adamw: exp_avg, exp_avg_sq;
     lion: exp_avg); unused ones may be empty. ``step`` (N,) counts the updates
     done and is advanced by one. Hyperparameters are (N,) floating tensors;
-    those a kind does not use are ignored.
+    those a kind does not use are ignored. ``check_values=False`` skips the
+    check of the hyperparameter and step values (see
+    :mod:`sophon_ext.ops.multi_step`).
     """
     multi_step_update_op(
-        params, grads, state1, state2, step, lr, momentum, dampening, beta1, beta2, weight_decay, eps, kind, nesterov
+        params, grads, state1, state2, step, lr, momentum, dampening, beta1, beta2, weight_decay, eps, kind, nesterov,
+        check_values,
     )
 
 
@@ -118,7 +128,8 @@ class FusedMultiTrajectoryOptimizer:
             ``adamw`` or ``lion`` (e.g. ``"nesterov"``).
         hparams: one dict for all trajectories (values: numbers or N-value
             sequences/tensors) or a list of N dicts; torch.optim names
-            (``lr``, ``momentum``, ``beta1``...), checked like torch.optim.
+            (``lr``, ``momentum``, ``beta1``...), checked like torch.optim
+            and by the op's rules, here rather than at every step.
 
         buffers: optional ``(flat_params, flat_grads)``, contiguous ``(N, P)``
             tensors (``P`` the total size of ``params``, laid out in its order)
@@ -195,21 +206,26 @@ class FusedMultiTrajectoryOptimizer:
 
     def set_hparams(self, hparams=None) -> None:
         """Replace the hyperparameters (same forms as the constructor; preset values
-        are the defaults). Values are checked like torch.optim's constructors do."""
+        are the defaults). Values are checked like torch.optim's constructors do,
+        then by the op's rules (its ValueError), so :meth:`step` need not check them."""
         if hparams is None or isinstance(hparams, Mapping):
             hparams = {**self._preset_hp, **(hparams or {})}
         else:
             hparams = [{**self._preset_hp, **row} for row in hparams]
         merged = validate_hparams(self.kind, _per_trajectory(self.kind, hparams, self.num_trajectories))
-        self.nesterov = bool(merged.pop("nesterov", False))
-        n, device = self.num_trajectories, self.flat_params.device
-        self._hp = {
+        nesterov = bool(merged.pop("nesterov", False))
+        hp = {
             name: torch.as_tensor(merged.get(name, _UNUSED_FILLER.get(name)), dtype=torch.float64)
-            .expand(n)
-            .to(device)
-            .contiguous()
+            .expand(self.num_trajectories)
             for name in _HP_ARGS
         }
+        self._check_values(hp, None, nesterov)  # before moving: numbers given here need no device sync
+        self.nesterov = nesterov
+        self._hp = {name: value.to(self.flat_params.device).contiguous() for name, value in hp.items()}
+
+    def _check_values(self, hp: Mapping[str, Tensor], step: Tensor | None, nesterov: bool) -> None:
+        # the op's rules and messages, once; step() then calls the op with check_values=False
+        check_value_rules(hp, step, self.kind, nesterov, sgd_buffers=self.state1.numel() != 0)
 
     def zero_grad(self) -> None:
         """Zero the flat gradient buffer (bound ``.grad`` views stay bound)."""
@@ -227,7 +243,7 @@ class FusedMultiTrajectoryOptimizer:
         self._sync_bound()
         multi_step_update_op(
             self.flat_params, self.flat_grads, self.state1, self.state2, self.step_count,
-            *(self._hp[name] for name in _HP_ARGS), self.kind, self.nesterov,
+            *(self._hp[name] for name in _HP_ARGS), self.kind, self.nesterov, check_values=False,
         )
 
     def _sync_bound(self) -> None:
@@ -282,6 +298,9 @@ class FusedMultiTrajectoryOptimizer:
                 "state_dict: its state does not fit these parameters; expected "
                 f"{ {k: list(v.shape) for k, v in expected.items()} }, got { {k: list(v.shape) for k, v in state.items()} }"
             )
+        hp = {name: state_dict["hparams"][name].to(self.flat_params.device, torch.float64).clone() for name in _HP_ARGS}
+        nesterov = bool(state_dict["nesterov"])
+        self._check_values(hp, state["step"], nesterov)  # before anything is replaced
         self.step_count.copy_(state["step"])
         opt = get_functional_optimizer(self.kind)
         for buffer, flat in zip(_STATE_BUFFERS[self.kind], (self.state1, self.state2)):
@@ -289,9 +308,7 @@ class FusedMultiTrajectoryOptimizer:
                 continue
             for name, view in self._views(flat).items():
                 view.copy_(state[opt.state_key(buffer, name)])
-        self.nesterov = bool(state_dict["nesterov"])
-        self._hp = {name: state_dict["hparams"][name].to(self.flat_params.device, torch.float64).clone()
-                    for name in _HP_ARGS}
+        self.nesterov, self._hp = nesterov, hp
 
 
 __all__ = ["FUSED_KINDS", "FusedMultiTrajectoryOptimizer", "flat_views", "flatten_rows", "multi_step_update_", "multi_step_update_op"]
