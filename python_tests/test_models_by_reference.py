@@ -401,7 +401,7 @@ def test_attack_cli_reports_wrong_input_in_one_line_and_lets_bugs_through(tmp_pa
     args = _attack_args("--protected", str(path), "--model", NET, "--model-kwargs", '{"hidden": 4}',
                         "--grid", str(grid), "--image-size", "8", "--out", str(tmp_path / "a"))
     assert run_attack_cli(args) == 2
-    assert "lr: must be a positive number" in capsys.readouterr().err
+    assert "lr: must be a finite number > 0" in capsys.readouterr().err
 
     import sophon_ext.attack.cli as attack_module  # run_attack_cli calls run_attacks there
 

@@ -10,10 +10,11 @@ __all__ = ["extension_info", "functional", "nn", "optim", "__version__"]
 
 from .methods import FineTuneMethod, get_method, method_names, register_method  # noqa: E402
 from .simulation import SimulationResult, simulate  # noqa: E402
+from .recipe import Recipe  # noqa: E402
 from .strategies import FineTuneStrategy, StrategySampler  # noqa: E402
 
-__all__ += ["FineTuneMethod", "FineTuneStrategy", "SimulationResult", "StrategySampler", "get_method", "method_names",
-            "register_method", "simulate"]
+__all__ += ["FineTuneMethod", "FineTuneStrategy", "Recipe", "SimulationResult", "StrategySampler", "get_method",
+            "method_names", "register_method", "simulate"]
 
 from .config import Config, ConfigError, FamilyConfig, ProbeConfig, ProtectConfig, load_config, save_config  # noqa: E402
 from .engine import ProtectionResult, Sophon, protect  # noqa: E402

@@ -435,11 +435,7 @@ class Sophon:
         specs = []
         for _ in range(self.pc.probes.count):
             index = self.sampler.draw_member(self.generator)
-            strategy = self.sampler.strategy_for(index, self.generator)
-            hparams = dict(strategy.hparams)
-            specs.append(probes.spec({"method": strategy.method, "optimizer": strategy.optimizer, "lr": strategy.lr,
-                                      "layers": strategy.layers, "weight_decay": float(hparams.pop("weight_decay", 0.0)),
-                                      "hparams": hparams}))
+            specs.append(probes.spec_for(self.sampler.strategy_for(index, self.generator)))
         return specs
 
     def _run_probes(self) -> list[dict]:

@@ -20,6 +20,7 @@ from torch import nn
 
 from .attack import AttackSpec, fine_tune
 from .data import ArrayDataset, split
+from .recipe import Recipe
 from .report import area_under_curve, chance_level, escapes
 from .surgery import fresh_model
 
@@ -40,7 +41,13 @@ class AttackProbes:
         self._scratch: dict[str, list] = {}
 
     def spec(self, fields: dict) -> AttackSpec:
+        """A probe attack from a dict of :class:`AttackSpec` fields (the probes' epochs, batch size and seed unless set)."""
         return AttackSpec(**{"epochs": self.config.epochs, "batch_size": self.config.batch_size, "seed": self.seed, **fields})
+
+    def spec_for(self, recipe: Recipe) -> AttackSpec:
+        """The probe attack of a recipe (a drawn strategy): its method, optimizer, lr, layers, hparams
+        and weight decay, run with the probes' epochs, batch size and seed."""
+        return AttackSpec.from_recipe(recipe, epochs=self.config.epochs, batch_size=self.config.batch_size, seed=self.seed)
 
     def run(self, model: nn.Module, specs: list[AttackSpec]) -> list[dict]:
         """One record per recipe: its name, final and area of protected and scratch, and ``escape``."""

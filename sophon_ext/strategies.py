@@ -15,9 +15,11 @@ from typing import Callable, Sequence
 
 import torch
 
+from .errors import UserInputError, UserInputTypeError
+from .methods import get_method, method_names
 from .optim.functional import validate_hparams
 from .optim.presets import ATTACK_LR_RANGES, PRESETS, resolve_preset
-from .methods import get_method, method_names
+from .recipe import Recipe
 
 #: ``method`` values: the built-in simulated methods of :mod:`sophon_ext.methods`, plus "custom"
 #: (user surgery); methods registered later are accepted too.
@@ -27,15 +29,15 @@ Surgery = Callable[[dict, torch.Generator], dict]
 
 
 @dataclass
-class FineTuneStrategy:
-    """One simulated fine-tuning run.
+class FineTuneStrategy(Recipe):
+    """One simulated fine-tuning run: a :class:`~sophon_ext.recipe.Recipe` simulated for ``steps`` steps.
 
     - ``optimizer``: a preset name of :mod:`sophon_ext.optim.presets`
       (sgd, sgd_momentum, nesterov, adam, adamw, rmsprop, adagrad, adadelta, lion);
       ``hparams`` override the preset's hyperparameters (torch.optim names,
       e.g. ``{"weight_decay": 1e-4, "momentum": 0.5}``).
     - ``lr`` > 0, ``batch_size`` >= 1 samples per step, ``steps`` >= 1.
-    - ``method``: a method of the registry (:mod:`sophon_ext.methods`:
+    - ``method``: a simulated method of the registry (:mod:`sophon_ext.methods`:
       ``"full"``, ``"reinit_head"``, ``"reinit_layers"``, ``"reinit_head_layers"``,
       ``"head_only"``, ``"freeze_first"``, ``"renorm"``, ``"standardise"``, or
       one registered with :func:`sophon_ext.register_method`), or ``"custom"``.
@@ -50,6 +52,10 @@ class FineTuneStrategy:
     - ``input_transform``: ``f(model_inputs: tuple) -> tuple`` applied to every
       adaptation and query batch of the trajectory (e.g. a fixed input
       permutation or colour shift an attacker would apply).
+
+    The shared fields are checked by :class:`~sophon_ext.recipe.Recipe`;
+    ``FineTuneStrategy.from_recipe(attack_spec, steps=...)`` builds one from
+    another recipe (its ``weight_decay`` goes into ``hparams``).
     """
 
     optimizer: str = "sgd"
@@ -63,32 +69,24 @@ class FineTuneStrategy:
     surgery: Surgery | None = None
     input_transform: Callable | None = None
 
+    @classmethod
+    def _methods(cls) -> tuple[str, ...]:
+        return method_names(simulated=True) + ("custom",)
+
     def __post_init__(self) -> None:
-        if self.optimizer not in PRESETS:
-            raise ValueError(f"optimizer: unknown name {self.optimizer!r}; choose one of {sorted(PRESETS)}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
-            raise ValueError(f"lr: must be a finite number > 0, got {self.lr!r}")
-        for name in ("batch_size", "steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
-        valid = method_names(simulated=True) + ("custom",)
-        if self.method not in valid:
-            raise ValueError(f"method: unknown method {self.method!r}; choose one of {valid}")
-        if not isinstance(self.hparams, dict):
-            raise TypeError(f"hparams: expected a dict, got {type(self.hparams).__name__}")
-        if "lr" in self.hparams:
-            raise ValueError("hparams: set the learning rate with the lr field, not hparams['lr']")
+        super().__post_init__()
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int):
+            raise UserInputTypeError(f"steps: must be an int >= 1, got {self.steps!r}")
+        if self.steps < 1:
+            raise UserInputError(f"steps: must be an int >= 1, got {self.steps!r}")
         # names and ranges as torch.optim checks them (hp['beta1']: must be in [0, 1) ...)
         validate_hparams(*resolve_preset(self.optimizer, {**self.hparams, "lr": float(self.lr)}))
         if self.method == "custom" and not callable(self.surgery):
-            raise ValueError("surgery: method 'custom' needs a callable surgery(params, generator) -> dict")
+            raise UserInputError("surgery: method 'custom' needs a callable surgery(params, generator) -> dict")
         if self.method != "custom" and self.surgery is not None:
-            raise ValueError(f"surgery: only used with method 'custom', got method {self.method!r}")
+            raise UserInputError(f"surgery: only used with method 'custom', got method {self.method!r}")
         if self.input_transform is not None and not callable(self.input_transform):
-            raise TypeError(f"input_transform: expected a callable or None, got {type(self.input_transform).__name__}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed: expected an int, got {self.seed!r}")
+            raise UserInputTypeError(f"input_transform: expected a callable or None, got {type(self.input_transform).__name__}")
 
 
 #: Default learning-rate ranges (log-uniform) per preset (shared with attack families)

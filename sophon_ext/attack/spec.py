@@ -11,7 +11,7 @@ from typing import Callable
 
 from ..errors import UserInputError, UserInputTypeError
 from ..methods import get_method, method_names
-from ..optim.presets import PRESETS
+from ..recipe import Recipe
 
 #: the built-in attack methods (:mod:`sophon_ext.methods`; methods registered later are accepted too)
 ATTACK_METHODS = method_names()
@@ -24,8 +24,14 @@ _LORA_DEFAULTS = {"lora_alpha": None, "target_modules": None, "adapter": "builti
 
 
 @dataclass
-class AttackSpec:
+class AttackSpec(Recipe):
     """One attack: what is trained, with which optimizer, for how long, from which seed.
+
+    A :class:`~sophon_ext.recipe.Recipe` (its fields and their check) run by
+    the harness for ``epochs`` epochs, with any registered method. ``lr`` and
+    ``weight_decay`` may be given as numeric strings (YAML reads ``1e-3`` as
+    one). ``weight_decay`` is this field, never ``hparams["weight_decay"]``;
+    ``AttackSpec.from_recipe(strategy, epochs=...)`` moves a strategy's there.
 
     ``layers`` is read by ``reinit_layers`` / ``freeze_first`` (a count of
     first parametrised layers, or module names; default 1) and ``probe`` (the
@@ -53,31 +59,27 @@ class AttackSpec:
     target_modules: list[str] | str | None = None
     adapter: str = "builtin"
 
+    _method_word = "attack method"
+
     def __post_init__(self) -> None:
-        if self.method not in method_names():
-            raise UserInputError(f"method: unknown attack method {self.method!r}; choose one of {method_names()}")
-        if self.optimizer not in PRESETS:
-            raise UserInputError(f"optimizer: unknown name {self.optimizer!r}; choose one of {sorted(PRESETS)}")
+        self.lr = _read_float(self.lr)
+        self.weight_decay = _read_float(self.weight_decay)
+        super().__post_init__()
         if self.schedule not in SCHEDULES:
             raise UserInputError(f"schedule: unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
-        for name in ("batch_size", "epochs", "rank", "seed"):
+        for name in ("epochs", "rank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise UserInputTypeError(f"{name}: expected an int, got {value!r}")
-        if self.batch_size < 1 or self.epochs < 1 or self.rank < 1:
-            raise UserInputError(f"batch_size, epochs, rank: must be >= 1, got {self.batch_size}, {self.epochs}, {self.rank}")
-        self.lr = float(self.lr)
-        self.weight_decay = float(self.weight_decay)
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UserInputError(f"lr: must be a positive number, got {self.lr}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise UserInputError(f"weight_decay: must be >= 0, got {self.weight_decay}")
-        if not isinstance(self.hparams, dict):
-            raise UserInputTypeError(f"hparams: expected a dict of optimizer hyperparameters, got {type(self.hparams).__name__}")
-        if "lr" in self.hparams or "weight_decay" in self.hparams:
-            raise UserInputError("hparams: give lr and weight_decay as the attack's own fields, not in hparams")
-        if isinstance(self.layers, tuple):
-            self.layers = list(self.layers)
+        if self.epochs < 1 or self.rank < 1:
+            raise UserInputError(f"epochs, rank: must be >= 1, got {self.epochs}, {self.rank}")
+        decay = self.weight_decay
+        if isinstance(decay, bool) or not isinstance(decay, float):
+            raise UserInputTypeError(f"weight_decay: must be a number >= 0, got {decay!r}")
+        if not (math.isfinite(decay) and decay >= 0):
+            raise UserInputError(f"weight_decay: must be >= 0, got {decay}")
+        if "weight_decay" in self.hparams:
+            raise UserInputError("hparams: set the weight decay with the weight_decay field, not hparams['weight_decay']")
         self._check_lora_fields()
 
     def _check_lora_fields(self) -> None:
@@ -146,3 +148,12 @@ def schedule_factor(name: str, total_steps: int) -> Callable[[int], float]:
     if name == "step":
         return lambda t: 1.0 if t < total // 2 else (0.1 if t < (3 * total) // 4 else 0.01)
     raise UserInputError(f"schedule: unknown schedule {name!r}; choose one of {SCHEDULES}")
+
+
+def _read_float(value):
+    """``value`` as a float where ``float`` reads it (a number, or a numeric string as YAML gives
+    ``1e-3``); anything else unchanged, for the field's check to name."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
