@@ -12,7 +12,7 @@ from torch import nn
 from sophon_ext.attack import AttackSpec, prepare_attack_model
 from sophon_ext.data import ArrayDataset
 from sophon_ext.methods import (FineTuneMethod, InputChanged, get_method, method_names, register_method,
-                                renormalise_layers, standardise_inputs)
+                                standardise_inputs)
 from sophon_ext.models import SmallCNN
 from sophon_ext.simulation import simulate
 from sophon_ext.strategies import FineTuneStrategy

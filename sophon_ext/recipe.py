@@ -1,6 +1,6 @@
 """A fine-tuning recipe: the fields a simulated strategy and a real attack share, checked in one place.
 
-:class:`Recipe` holds what every fine-tuning run names: the ``method`` of the
+:class:`Recipe` is the base of what every fine-tuning run names: the ``method`` of the
 registry (:mod:`sophon_ext.methods`), the ``optimizer`` preset
 (:mod:`sophon_ext.optim.presets`), its learning rate ``lr``, the
 ``batch_size``, the ``layers`` the method reads, the ``seed`` and extra
@@ -35,7 +35,7 @@ from .errors import UserInputError, UserInputTypeError
 from .methods import method_names
 from .optim.presets import PRESETS
 
-#: the fields every recipe has, in :class:`Recipe`'s order
+#: the fields every recipe kind declares (each in its own positional order)
 RECIPE_FIELDS = ("method", "optimizer", "lr", "batch_size", "layers", "seed", "hparams")
 
 R = TypeVar("R", bound="Recipe")

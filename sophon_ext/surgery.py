@@ -95,8 +95,8 @@ def fresh_parameters(module: nn.Module, generator: torch.Generator | None = None
     global RNG set to ``generator``'s state, and ``generator`` is then advanced
     past the draws; so a seed fixes the values, whatever the module's device
     and dtype. A module with neither method gets torch's default rule for
-    linear and conv layers (uniform(+-1/sqrt(fan_in)) weights and biases; ones
-    and zeros for a norm layer). Returns a dict keyed by the parameter's local
+    linear and conv layers (uniform(+-1/sqrt(fan_in)) weights and biases; every
+    torch norm layer has ``reset_parameters``). Returns a dict keyed by the parameter's local
     name; the module is untouched.
     """
     if generator is not None and generator.device.type != "cpu":
@@ -121,8 +121,6 @@ def _drawn(fresh: nn.Module, reset) -> dict[str, torch.Tensor]:
         reset()
         return {name: p.detach() for name, p in fresh.named_parameters(recurse=False)}
     params = dict(fresh.named_parameters(recurse=False))
-    if isinstance(fresh, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
-        return {name: torch.ones_like(p) if name == "weight" else torch.zeros_like(p) for name, p in params.items()}
     weight = params.get("weight")
     fan_in = weight[0].numel() if weight is not None and weight.dim() >= 2 else None
     out = {}
