@@ -23,7 +23,8 @@ def family(**kwargs) -> FamilyConfig:
 def test_uniform_sampler_draws_every_member_within_its_ranges():
     fam = family(optimizers=["sgd", "adam", "adagrad", "lion"], methods=["full", "reinit_layers", "head_only"],
                  lr_ranges={"adam": [1e-4, 1e-3]}, batch_sizes=[8, 16], layers=[1, 2],
-                 hparams={"sgd": {"momentum": [0.5, 0.9]}, "adam": {"beta1": 0.8}}, sampler="uniform")
+                 hparams={"sgd": {"momentum": [0.5, 0.9]}, "adam": {"beta1": 0.8},
+                          "adagrad": {"weight_decay": {"choices": [0.0, 1e-4, 1e-2]}}}, sampler="uniform")
     sampler = FamilySampler(fam, steps=4)
     generator = torch.Generator().manual_seed(0)
     drawn = [sampler.draw(generator) for _ in range(600)]
@@ -40,6 +41,8 @@ def test_uniform_sampler_draws_every_member_within_its_ranges():
             assert 0.5 <= s.hparams["momentum"] <= 0.9
         if s.optimizer == "adam":
             assert s.hparams == {"beta1": 0.8}
+    decays = Counter(s.hparams["weight_decay"] for _, s in drawn if s.optimizer == "adagrad")
+    assert set(decays) == {0.0, 1e-4, 1e-2}  # each choice drawn, nothing else
     lrs = [math.log10(s.lr) for _, s in drawn if s.optimizer == "adam"]
     assert min(lrs) < -3.8 and max(lrs) > -3.2  # log-uniform over the whole range
     assert sum(sampler.draws) == 600
@@ -106,6 +109,9 @@ def test_worst_case_sampler_prefers_the_escaping_member_and_keeps_the_floor():
     ({"hparams": {"sgd_momentum": {"momentum": [0.9, 0.5]}}}, r"protect.strategies.hparams.sgd_momentum.momentum: expected"),
     ({"hparams": {"adam": {"beta1": [0.5, 1.5]}}}, r"protect.strategies: hparams.adam: .*beta1"),
     ({"hparams": {"adam": {"momentum": 0.9}}}, r"protect.strategies: hparams.adam: .*momentum"),
+    ({"hparams": {"adam": {"beta1": {"choices": []}}}}, r"protect.strategies.hparams.adam.beta1: expected"),
+    ({"hparams": {"adam": {"beta1": {"values": [0.9]}}}}, r"protect.strategies.hparams.adam.beta1: expected"),
+    ({"hparams": {"adam": {"beta1": {"choices": [0.9, 1.0]}}}}, r"protect.strategies: hparams.adam: .*beta1"),
     ({"sampler": "best"}, r"protect.strategies.sampler: must be one of"),
     ({"floor": 1.5}, r"protect.strategies.floor: must be in \[0, 1\]"),
     ({"sharpness": 0}, r"protect.strategies.sharpness: must be in \(0, 16\]"),

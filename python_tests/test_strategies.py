@@ -7,7 +7,8 @@ import math
 import pytest
 
 from sophon_ext import FineTuneStrategy, StrategySampler
-from sophon_ext.strategies import DEFAULT_LR_RANGES, STRATEGY_METHODS
+from sophon_ext.families import DEFAULT_LR_RANGES
+from sophon_ext.strategies import STRATEGY_METHODS
 
 
 def test_defaults_are_valid_and_every_preset_constructs():
@@ -52,7 +53,8 @@ def test_bad_strategies_name_the_field_and_what_is_accepted(kwargs, error, messa
 def test_sampler_is_reproducible_and_respects_ranges():
     sampler = dict(optimizers=("sgd", "adam", "nesterov"), lr_ranges={"sgd": (1e-3, 1e-2)},
                    methods=("full", "head_only", "freeze_first"), batch_sizes=(8, 16), steps=7, layers=(1, 2),
-                   hparams={"adam": {"weight_decay": (0.0, 0.1), "beta2": [0.99, 0.999]}}, seed=5)
+                   hparams={"adam": {"weight_decay": (0.0, 0.1), "beta2": {"choices": [0.99, 0.999]}, "eps": [1e-8, 1e-6]}},
+                   seed=5)
     first = StrategySampler(**sampler).sample(200)
     assert first == StrategySampler(**sampler).sample(200)
     assert first != StrategySampler(**{**sampler, "seed": 6}).sample(200)
@@ -65,6 +67,7 @@ def test_sampler_is_reproducible_and_respects_ranges():
         assert (s.layers in (1, 2)) == (s.method == "freeze_first")
         if s.optimizer == "adam":
             assert 0.0 <= s.hparams["weight_decay"] <= 0.1 and s.hparams["beta2"] in (0.99, 0.999)
+            assert 1e-8 <= s.hparams["eps"] <= 1e-6
         else:
             assert s.hparams == {}
     # log-uniform: about half of the SGD rates lie below the geometric midpoint
@@ -83,13 +86,20 @@ def test_sampler_calls_continue_the_stream():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"optimizers": ("sgd", "adamax")}, "optimizers: unknown or empty"),
-        ({"optimizers": ()}, "optimizers: unknown or empty"),
-        ({"methods": ("custom",)}, "methods: unknown or empty"),
-        ({"lr_ranges": {"sgd": (1e-2, 1e-3)}}, r"lr_ranges\['sgd'\]: need 0 < low <= high"),
-        ({"lr_ranges": {"sgdd": (1e-3, 1e-2)}}, "lr_ranges: unknown optimizer 'sgdd'"),
-        ({"batch_sizes": (0,)}, "batch_sizes: need ints >= 1"),
-        ({"methods": ("freeze_first",), "layers": ()}, "layers: the layer methods need"),
+        ({"optimizers": ("sgd", "adamax")}, r"optimizers\[1\]: unknown optimizer 'adamax'"),
+        ({"optimizers": ()}, "optimizers: must list at least one optimizer"),
+        ({"methods": ("custom",)}, r"methods\[0\]: unknown method 'custom'"),
+        ({"methods": ()}, "methods: must list at least one method"),
+        ({"lr_ranges": {"sgd": (1e-2, 1e-3)}}, r"lr_ranges.sgd: need 0 < low <= high"),
+        ({"lr_ranges": {"sgdd": (1e-3, 1e-2)}}, "lr_ranges.sgdd: unknown optimizer"),
+        ({"batch_sizes": (0,)}, r"batch_sizes\[0\]: must be >= 1"),
+        ({"batch_sizes": (2.5,)}, r"batch_sizes\[0\]: expected int"),
+        ({"layers": ()}, "layers: must list at least one layer count"),
+        ({"steps": 0}, "steps: must be an int >= 1"),
+        ({"hparams": {"adam": {"beta2": (0.999, 0.99)}}}, "hparams.adam.beta2: expected .low, high. with low <= high"),
+        ({"hparams": {"adam": {"beta2": {"choices": []}}}}, "hparams.adam.beta2: expected"),
+        ({"hparams": {"adam": {"beta1": {"choices": [0.9, 1.5]}}}}, r"hparams.adam: hp\['beta1'\]: must be in \[0, 1\)"),
+        ({"hparams": {"adam": {"momentum": 0.9}}}, r"hparams.adam: .*unknown hyperparameter"),
     ],
 )
 def test_bad_sampler_ranges(kwargs, message):

@@ -11,7 +11,8 @@ __all__ = ["extension_info", "functional", "nn", "optim", "__version__"]
 from .methods import FineTuneMethod, get_method, method_names, register_method  # noqa: E402
 from .simulation import SimulationResult, simulate  # noqa: E402
 from .recipe import Recipe  # noqa: E402
-from .strategies import FineTuneStrategy, StrategySampler  # noqa: E402
+from .families import StrategySampler  # noqa: E402
+from .strategies import FineTuneStrategy  # noqa: E402
 
 __all__ += ["FineTuneMethod", "FineTuneStrategy", "Recipe", "SimulationResult", "StrategySampler", "get_method",
             "method_names", "register_method", "simulate"]

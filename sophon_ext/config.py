@@ -193,8 +193,9 @@ class FamilyConfig:
     learning rate log-uniform in that band of the optimizer's ``lr_ranges``
     entry (default :data:`sophon_ext.families.DEFAULT_LR_RANGES`), a batch size from
     ``batch_sizes``, ``layers`` for the methods that read it, and optimizer
-    hyperparameters from ``hparams`` (``{optimizer: {name: [low, high] or
-    value}}``, uniform in a range). ``sampler``: ``uniform`` draws members
+    hyperparameters from ``hparams`` (``{optimizer: {name: spec}}``, a spec
+    being ``[low, high]`` (uniform), ``{choices: [values]}`` (one of them) or
+    a value). ``sampler``: ``uniform`` draws members
     uniformly; ``worst_case`` draws them in proportion to a running estimate
     of how far each escapes (its post-fine-tuning suppression loss, raised
     by escaping attack probes), with ``floor`` of the draws spread uniformly
@@ -218,6 +219,11 @@ class FamilyConfig:
     sharpness: float = 1.0
     #: weight of the newest observation in a member's running escape estimate
     smoothing: float = 0.1
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FamilyConfig":
+        """Build and validate a family from plain data (what ``protect.strategies`` holds in a config file)."""
+        return _from_dict(cls, data, "")
 
     def _validate(self, where: str) -> None:
         from .methods import method_names
@@ -246,9 +252,13 @@ class FamilyConfig:
             _check(opt in PRESETS, where, f"hparams.{opt}", f"unknown optimizer; choose one of {sorted(PRESETS)}")
             _check(isinstance(specs, dict), where, f"hparams.{opt}", f"expected a mapping of hyperparameter ranges, got {specs!r}")
             for name, spec in specs.items():
+                expected = f"expected [low, high] with low <= high, {{choices: [values]}} or a value, got {spec!r}"
                 if isinstance(spec, list):
                     ok = len(spec) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in spec) and spec[0] <= spec[1]
-                    _check(ok, where, f"hparams.{opt}.{name}", f"expected [low, high] with low <= high or a value, got {spec!r}")
+                    _check(ok, where, f"hparams.{opt}.{name}", expected)
+                elif isinstance(spec, dict):
+                    ok = list(spec) == ["choices"] and isinstance(spec["choices"], list) and len(spec["choices"]) >= 1
+                    _check(ok, where, f"hparams.{opt}.{name}", expected)
         _check(0.0 <= self.floor <= 1.0, where, "floor", f"must be in [0, 1], got {self.floor}")
         _check(0.0 < self.sharpness <= 16.0, where, "sharpness", f"must be in (0, 16], got {self.sharpness}")
         _check(0.0 < self.smoothing <= 1.0, where, "smoothing", f"must be in (0, 1], got {self.smoothing}")

@@ -17,11 +17,14 @@ a checkpoint draws what the uninterrupted run would have.
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
+from .config import FamilyConfig
 from .methods import get_method
 from .optim.functional import validate_hparams
 from .optim.presets import ATTACK_LR_RANGES, resolve_preset
@@ -52,17 +55,37 @@ def lr_range(family, optimizer: str) -> tuple[float, float]:
     return tuple(bounds) if bounds is not None else DEFAULT_LR_RANGES[optimizer]
 
 
+def _candidates(spec) -> list:
+    """The values of a hyperparameter spec that bound what it can draw: a range's ends, every choice, the value."""
+    if isinstance(spec, list):
+        return list(spec)
+    if isinstance(spec, dict):
+        return list(spec["choices"])
+    return [spec]
+
+
+def _draw_hparam(spec, generator: torch.Generator):
+    """One draw of a spec: ``[low, high]`` uniform, ``{"choices": [...]}`` one of them, else the value itself."""
+    if isinstance(spec, list):
+        return spec[0] + _uniform(generator) * (spec[1] - spec[0])
+    if isinstance(spec, dict):
+        choices = spec["choices"]
+        return choices[_choice(len(choices), generator)]
+    return spec
+
+
 def check_family(family) -> None:
     """Raise ``ValueError`` naming the field when a member could not make a valid strategy."""
     for optimizer in family.optimizers:
         specs = family.hparams.get(optimizer, {})
-        for end in (0, 1):
-            hp = {name: (spec[end] if isinstance(spec, list) else spec) for name, spec in specs.items()}
-            low_high = lr_range(family, optimizer)
-            try:
-                validate_hparams(*resolve_preset(optimizer, {**hp, "lr": float(low_high[end])}))
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"hparams.{optimizer}: {exc}") from None
+        names = list(specs)
+        # every combination of the bounding values (a range's ends, each choice) with each end of the lr range
+        for lr in lr_range(family, optimizer):
+            for values in itertools.product(*(_candidates(specs[n]) for n in names)):
+                try:
+                    validate_hparams(*resolve_preset(optimizer, {**dict(zip(names, values)), "lr": float(lr)}))
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"hparams.{optimizer}: {exc}") from None
 
 
 class FamilySampler:
@@ -108,9 +131,7 @@ class FamilySampler:
         low, high = (math.log(b) for b in lr_range(self.family, member.optimizer))
         u = (member.lr_bin + _uniform(generator)) / member.lr_bins  # log-uniform within the member's band
         lr = math.exp(low + u * (high - low))
-        hparams = {}
-        for name, spec in self.family.hparams.get(member.optimizer, {}).items():
-            hparams[name] = spec[0] + _uniform(generator) * (spec[1] - spec[0]) if isinstance(spec, list) else spec
+        hparams = {name: _draw_hparam(spec, generator) for name, spec in self.family.hparams.get(member.optimizer, {}).items()}
         batch = self.family.batch_sizes[_choice(len(self.family.batch_sizes), generator)]
         layers = self.family.layers[_choice(len(self.family.layers), generator)] if get_method(member.method).needs_layers else None
         seed = int(torch.randint(2**31, (1,), generator=generator).item())
@@ -160,6 +181,51 @@ class FamilySampler:
         self.draws = [int(d) for d in state["draws"]]
 
 
+@dataclass
+class StrategySampler:
+    """Draws strategies uniformly from an attack family, reproducibly from ``seed``.
+
+    The arguments are a :class:`~sophon_ext.config.FamilyConfig`'s, with the
+    same checks: ``optimizers`` and ``methods`` to choose from (uniformly),
+    ``lr_ranges`` ``{optimizer: (low, high)}`` log-uniform (defaults from
+    :data:`DEFAULT_LR_RANGES`), ``batch_sizes`` and ``layers`` (for the layer
+    methods) to choose from, ``hparams`` ``{optimizer: {name: spec}}`` with a
+    spec ``(low, high)`` (uniform), ``{"choices": [...]}`` or a value;
+    ``steps``: K, the same for all (simulate runs them together). It is a
+    :class:`FamilySampler` with the uniform sampler, so it draws exactly as a
+    protection run's family does.
+    """
+
+    optimizers: Sequence[str] = ("sgd", "sgd_momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
+    lr_ranges: dict = field(default_factory=dict)
+    methods: Sequence[str] = ("full", "reinit_head", "head_only")
+    batch_sizes: Sequence[int] = (32,)
+    steps: int = 10
+    layers: Sequence = (1,)
+    hparams: dict = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps: must be an int >= 1, got {self.steps!r}")
+        family = FamilyConfig.from_dict({
+            "optimizers": list(self.optimizers), "methods": list(self.methods),
+            "lr_ranges": {name: list(bounds) for name, bounds in self.lr_ranges.items()},
+            "batch_sizes": list(self.batch_sizes), "layers": list(self.layers),
+            "hparams": {opt: {name: list(spec) if isinstance(spec, tuple) else spec for name, spec in specs.items()}
+                        for opt, specs in self.hparams.items()},
+            "sampler": "uniform",
+        })
+        self._family = FamilySampler(family, self.steps)
+        self._generator = torch.Generator().manual_seed(self.seed)
+
+    def sample(self, n: int) -> list[FineTuneStrategy]:
+        """``n`` strategies; successive calls continue the same random stream."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: must be an int >= 1, got {n!r}")
+        return [self._family.draw(self._generator)[1] for _ in range(n)]
+
+
 def _uniform(generator: torch.Generator) -> float:
     return float(torch.rand((), generator=generator, dtype=torch.float64))
 
@@ -175,4 +241,4 @@ def strategy_to_dict(strategy: FineTuneStrategy) -> dict:
             "layers": strategy.layers, "seed": strategy.seed}
 
 
-__all__ = ["DEFAULT_LR_RANGES", "FamilySampler", "Member", "check_family", "strategy_to_dict"]
+__all__ = ["DEFAULT_LR_RANGES", "FamilySampler", "Member", "StrategySampler", "check_family", "strategy_to_dict"]

@@ -3,22 +3,20 @@
 A :class:`FineTuneStrategy` says how one simulated attacker fine-tunes: which
 optimizer preset and hyperparameters, learning rate, batch size, number of
 steps, and which parameters it trains or re-initialises first (``method``).
-:class:`StrategySampler` draws N of them from configurable ranges with a seed.
+:class:`sophon_ext.families.StrategySampler` draws N of them from an attack family with a seed.
 """
 
 from __future__ import annotations
 
-import math
-import random
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
 from .errors import UserInputError, UserInputTypeError
-from .methods import get_method, method_names
+from .methods import method_names
 from .optim.functional import validate_hparams
-from .optim.presets import ATTACK_LR_RANGES, PRESETS, resolve_preset
+from .optim.presets import resolve_preset
 from .recipe import Recipe
 
 #: ``method`` values: the built-in simulated methods of :mod:`sophon_ext.methods`, plus "custom"
@@ -87,85 +85,3 @@ class FineTuneStrategy(Recipe):
             raise UserInputError(f"surgery: only used with method 'custom', got method {self.method!r}")
         if self.input_transform is not None and not callable(self.input_transform):
             raise UserInputTypeError(f"input_transform: expected a callable or None, got {type(self.input_transform).__name__}")
-
-
-#: Default learning-rate ranges (log-uniform) per preset (shared with attack families)
-DEFAULT_LR_RANGES = ATTACK_LR_RANGES
-
-
-@dataclass
-class StrategySampler:
-    """Draws strategies from ranges, reproducibly from ``seed``.
-
-    ``optimizers``: preset names to choose from (uniformly); ``lr_ranges``:
-    ``{preset: (low, high)}`` log-uniform ranges (defaults from
-    :data:`DEFAULT_LR_RANGES`); ``methods``, ``batch_sizes``: choices;
-    ``layers``: choices of ``layers`` for the layer methods; ``hparams``:
-    ``{preset: {name: (low, high) or [choices] or value}}`` (ranges uniform);
-    ``steps``: K, the same for all (simulate runs them together).
-    """
-
-    optimizers: Sequence[str] = ("sgd", "sgd_momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
-    lr_ranges: dict = field(default_factory=dict)
-    methods: Sequence[str] = ("full", "reinit_head", "head_only")
-    batch_sizes: Sequence[int] = (32,)
-    steps: int = 10
-    layers: Sequence = (1,)
-    hparams: dict = field(default_factory=dict)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        unknown = [o for o in self.optimizers if o not in PRESETS]
-        if not self.optimizers or unknown:
-            raise ValueError(f"optimizers: unknown or empty {list(unknown) or list(self.optimizers)}; choose from {sorted(PRESETS)}")
-        simulated = method_names(simulated=True)
-        bad_methods = [m for m in self.methods if m not in simulated]
-        if not self.methods or bad_methods:
-            raise ValueError(f"methods: unknown or empty {bad_methods or list(self.methods)}; choose from {simulated}")
-        for name, (low, high) in self.lr_ranges.items():
-            if name not in PRESETS:
-                raise ValueError(f"lr_ranges: unknown optimizer {name!r}; choose from {sorted(PRESETS)}")
-            if not 0 < low <= high:
-                raise ValueError(f"lr_ranges[{name!r}]: need 0 < low <= high, got ({low}, {high})")
-        if not self.batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_sizes):
-            raise ValueError(f"batch_sizes: need ints >= 1, got {list(self.batch_sizes)}")
-        if any(get_method(m).needs_layers for m in self.methods) and not self.layers:
-            raise ValueError("layers: the layer methods need at least one choice of layers")
-        self._rng = random.Random(self.seed)
-
-    def _lr(self, optimizer: str) -> float:
-        low, high = self.lr_ranges.get(optimizer, DEFAULT_LR_RANGES[optimizer])
-        return math.exp(self._rng.uniform(math.log(low), math.log(high)))
-
-    def _hparams(self, optimizer: str) -> dict:
-        out = {}
-        for name, spec in self.hparams.get(optimizer, {}).items():
-            if isinstance(spec, tuple) and len(spec) == 2:
-                out[name] = self._rng.uniform(*spec)
-            elif isinstance(spec, list):
-                out[name] = self._rng.choice(spec)
-            else:
-                out[name] = spec
-        return out
-
-    def sample(self, n: int) -> list[FineTuneStrategy]:
-        """``n`` strategies; successive calls continue the same random stream."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n: must be an int >= 1, got {n!r}")
-        out = []
-        for _ in range(n):
-            optimizer = self._rng.choice(list(self.optimizers))
-            method = self._rng.choice(list(self.methods))
-            out.append(
-                FineTuneStrategy(
-                    optimizer=optimizer,
-                    lr=self._lr(optimizer),
-                    batch_size=self._rng.choice(list(self.batch_sizes)),
-                    steps=self.steps,
-                    method=method,
-                    hparams=self._hparams(optimizer),
-                    layers=self._rng.choice(list(self.layers)) if get_method(method).needs_layers else None,
-                    seed=self._rng.randrange(2**31),
-                )
-            )
-        return out
