@@ -135,3 +135,27 @@ def test_a_registered_task_is_a_mode_everywhere(tmp_path):
     assert default_config_overrides("classification") == {}
     with pytest.raises(ValueError, match="mode: unknown mode 'nope'"):
         make_task("nope")
+
+
+def test_config_is_a_leaf_of_the_package():
+    # config.py and what it imports from the package may import no other package module, at any depth
+    # of the file (a function-level import counts too): names are checked through config_checks.
+    import ast
+    from pathlib import Path
+
+    import sophon_ext
+
+    root = Path(sophon_ext.__file__).parent
+    allowed = {"errors", "references", "atomic"}
+
+    def package_imports(name: str) -> set[str]:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                found.add((node.module or "").split(".")[0] or "(package)")
+        return found
+
+    assert package_imports("config") <= allowed
+    for leaf in allowed:
+        assert package_imports(leaf) <= {"errors"}, leaf

@@ -59,6 +59,7 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from sophon_ext import checkpoint as ckpt  # noqa: E402
+from sophon_ext import config as sophon_config  # noqa: E402
 from sophon_ext.cli import main  # noqa: E402
 from sophon_ext.errors import UserInputError  # noqa: E402
 
@@ -231,7 +232,7 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
     def full_disk(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(ckpt, "atomic_write_bytes", full_disk)
+    monkeypatch.setattr(sophon_config, "atomic_write_bytes", full_disk)  # what `sophon config -o` writes with
     target = tmp_path / "c.yaml"
     assert main(["config", "-o", str(target)]) == 2
     line = one_line_error(capsys)

@@ -26,3 +26,6 @@ from .attack import AttackSpec, run_attacks  # noqa: E402
 from .tasks import ClassificationTask, make_task  # noqa: E402
 
 __all__ += ["AttackSpec", "ClassificationTask", "attack", "make_task", "run_attacks"]
+
+# Last: the config's name checks ask the registries imported above.
+from . import config_checks  # noqa: E402,F401

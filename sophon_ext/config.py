@@ -6,6 +6,12 @@ dataclass annotations and every value against its section's rules, and names
 the offending field (``protect.alpha: must be > 0, got -1.0``) in a
 :class:`ConfigError`. :func:`save_config` writes the same tree back, so a saved
 config reloads to an equal object.
+
+This module imports nothing of the package but its leaves (errors, references,
+the atomic writer). Whether a name is known (an optimizer, a fine-tuning
+method, a task, a model, a built-in data set) or an attack recipe is valid is
+for the module that owns it to say: :mod:`sophon_ext.config_checks` installs
+those checks (:class:`Registry`) when the package is imported.
 """
 
 from __future__ import annotations
@@ -16,9 +22,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
+import torch
+
+from .atomic import atomic_write_bytes
 from .errors import UserInputError, UserInputTypeError
+from .references import is_python_reference
 
 DATA_SOURCES = ("builtin", "image_folder", "torchvision", "arrays", "reference")
 #: seeds must fit every generator they feed (torch, numpy), with room for per-iteration offsets
@@ -33,6 +43,45 @@ class ConfigError(UserInputError):
 
 class ConfigTypeError(ConfigError, UserInputTypeError):
     """A configuration value has the wrong type."""
+
+
+# ----------------------------------------------------------------------------- registry checks
+
+
+@dataclass
+class Registry:
+    """What the checks ask the package's registries (filled by :mod:`sophon_ext.config_checks`)."""
+
+    #: optimizer preset names, sorted
+    optimizers: list[str]
+    #: () -> the fine-tuning methods a protection can simulate (methods may be registered later)
+    simulated_methods: Callable[[], tuple[str, ...]]
+    builtin_datasets: tuple[str, ...]
+    #: () -> the task (mode) names
+    task_names: Callable[[], tuple[str, ...]]
+    #: make_task(mode, **task): raises TypeError/ValueError/ImportError for bad options
+    make_task: Callable[..., Any]
+    #: check_model(name, kwargs, where=...): raises UserInputError for an unknown model or bad kwargs
+    check_model: Callable[..., None]
+    #: check_family(family): raises ValueError when a member could not make a valid strategy
+    check_family: Callable[[Any], None]
+    #: attack_spec(**fields): builds an AttackSpec, raising TypeError/ValueError naming the field
+    attack_spec: Callable[..., Any]
+
+
+_registry: Optional[Registry] = None
+
+
+def install_registry(checks: Registry) -> None:
+    """Give the config its registry checks (:mod:`sophon_ext.config_checks` calls this once)."""
+    global _registry
+    _registry = checks
+
+
+def registry() -> Registry:
+    if _registry is None:  # only while the package itself is being imported
+        raise RuntimeError("sophon_ext.config: the registry checks are not installed yet; import sophon_ext first")
+    return _registry
 
 
 # ----------------------------------------------------------------------------- sections
@@ -71,8 +120,6 @@ class DatasetConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def _validate(self, where: str) -> None:
-        from .references import is_python_reference
-
         _check(1 <= self.image_size <= MAX_IMAGE_SIZE, where, "image_size", f"must be in [1, {MAX_IMAGE_SIZE}], got {self.image_size}")
         _check(self.limit is None or self.limit >= 1, where, "limit", f"must be >= 1 or null, got {self.limit}")
         if self.source in ("builtin", "torchvision", "reference"):
@@ -88,9 +135,8 @@ class DatasetConfig:
         if self.source in ("image_folder", "torchvision", "arrays"):
             _check(bool(self.path), where, "path", f"is required for source {self.source!r}")
         if self.source == "builtin":
-            from .data import BUILTIN_DATASETS
-
-            _check(self.name in BUILTIN_DATASETS, where, "name", f"unknown built-in dataset {self.name!r}; choose one of {BUILTIN_DATASETS}")
+            datasets = registry().builtin_datasets
+            _check(self.name in datasets, where, "name", f"unknown built-in dataset {self.name!r}; choose one of {datasets}")
 
 
 @dataclass
@@ -130,11 +176,9 @@ class ModelConfig:
     output_key: str = "logits"
 
     def _validate(self, where: str) -> None:
-        from .models import check_model_choice
-
         _check(bool(self.output_key), where, "output_key", "must be a non-empty string")
         try:
-            check_model_choice(self.name, self.kwargs, where=where or "model")
+            registry().check_model(self.name, self.kwargs, where=where or "model")
         except UserInputError as exc:
             raise ConfigError(str(exc)) from None
 
@@ -172,9 +216,7 @@ class StrategyConfig:
     layers: Union[int, list[str], None] = None
 
     def _validate(self, where: str) -> None:
-        from .methods import method_names
-
-        methods = method_names(simulated=True)
+        methods = registry().simulated_methods()
         _check_optimizer(self.optimizer, where, "optimizer")
         _check(self.lr > 0, where, "lr", f"must be > 0, got {self.lr}")
         _check(self.batch_size >= 1, where, "batch_size", f"must be >= 1, got {self.batch_size}")
@@ -226,18 +268,17 @@ class FamilyConfig:
         return _from_dict(cls, data, "")
 
     def _validate(self, where: str) -> None:
-        from .methods import method_names
-        from .optim.presets import PRESETS
+        optimizers = registry().optimizers
 
         _check(len(self.optimizers) >= 1, where, "optimizers", "must list at least one optimizer")
         for i, name in enumerate(self.optimizers):
-            _check(name in PRESETS, where, f"optimizers[{i}]", f"unknown optimizer {name!r}; choose one of {sorted(PRESETS)}")
+            _check(name in optimizers, where, f"optimizers[{i}]", f"unknown optimizer {name!r}; choose one of {optimizers}")
         _check(len(self.methods) >= 1, where, "methods", "must list at least one method")
-        simulated = method_names(simulated=True)
+        simulated = registry().simulated_methods()
         for i, name in enumerate(self.methods):
             _check(name in simulated, where, f"methods[{i}]", f"unknown method {name!r}; choose one of {simulated}")
         for name, bounds in self.lr_ranges.items():
-            _check(name in PRESETS, where, f"lr_ranges.{name}", f"unknown optimizer; choose one of {sorted(PRESETS)}")
+            _check(name in optimizers, where, f"lr_ranges.{name}", f"unknown optimizer; choose one of {optimizers}")
             ok = isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
             _check(ok, where, f"lr_ranges.{name}", f"expected [low, high], got {bounds!r}")
             _check(0 < bounds[0] <= bounds[1], where, f"lr_ranges.{name}", f"need 0 < low <= high, got {bounds}")
@@ -249,7 +290,7 @@ class FamilyConfig:
         for i, b in enumerate(self.layers):
             _check(b >= 1, where, f"layers[{i}]", f"must be >= 1, got {b}")
         for opt, specs in self.hparams.items():
-            _check(opt in PRESETS, where, f"hparams.{opt}", f"unknown optimizer; choose one of {sorted(PRESETS)}")
+            _check(opt in optimizers, where, f"hparams.{opt}", f"unknown optimizer; choose one of {optimizers}")
             _check(isinstance(specs, dict), where, f"hparams.{opt}", f"expected a mapping of hyperparameter ranges, got {specs!r}")
             for name, spec in specs.items():
                 expected = f"expected [low, high] with low <= high, {{choices: [values]}} or a value, got {spec!r}"
@@ -263,10 +304,8 @@ class FamilyConfig:
         _check(0.0 < self.sharpness <= 16.0, where, "sharpness", f"must be in (0, 16], got {self.sharpness}")
         _check(0.0 < self.smoothing <= 1.0, where, "smoothing", f"must be in (0, 1], got {self.smoothing}")
         # every member must make a valid strategy: check each optimizer's hyperparameters at its range ends
-        from .families import check_family
-
         try:
-            check_family(self)
+            registry().check_family(self)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
 
@@ -294,8 +333,6 @@ class ProbeConfig:
     train_fraction: float = 0.7
 
     def _validate(self, where: str) -> None:
-        from .attack import AttackSpec
-
         _check(self.every >= 0, where, "every", f"must be >= 0, got {self.every}")
         _check(self.count >= 1, where, "count", f"must be >= 1, got {self.count}")
         _check(self.epochs >= 1, where, "epochs", f"must be >= 1, got {self.epochs}")
@@ -303,7 +340,7 @@ class ProbeConfig:
         _check(0.0 < self.train_fraction < 1.0, where, "train_fraction", f"must be in (0, 1), got {self.train_fraction}")
         for i, attack in enumerate(self.attacks):
             try:
-                AttackSpec(**{"epochs": self.epochs, "batch_size": self.batch_size, **attack})
+                registry().attack_spec(**{"epochs": self.epochs, "batch_size": self.batch_size, **attack})
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"{_join(where, 'attacks')}[{i}].{exc}") from None
 
@@ -445,8 +482,6 @@ class AttackConfig:
     attacks: list[dict[str, Any]] = field(default_factory=default_attacks)
 
     def _validate(self, where: str) -> None:
-        from .attack import AttackSpec
-
         _check(self.epochs >= 1, where, "epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, where, "batch_size", f"must be >= 1, got {self.batch_size}")
         _check(len(self.seeds) >= 1, where, "seeds", "must list at least one seed")
@@ -457,7 +492,7 @@ class AttackConfig:
             for key in ("epochs", "batch_size", "seed"):
                 _check(key not in attack, f"{_join(where, 'attacks')}[{i}]", key, f"is set for all attacks by {_join(where, key + ('s' if key == 'seed' else ''))}")
             try:
-                AttackSpec(**attack, epochs=self.epochs, batch_size=self.batch_size)
+                registry().attack_spec(**attack, epochs=self.epochs, batch_size=self.batch_size)
             except TypeError as exc:
                 raise ConfigTypeError(f"{_join(where, 'attacks')}[{i}]: {exc}") from None
             except ValueError as exc:
@@ -486,19 +521,16 @@ class Config:
         _check_seed(self.seed, where, "seed")
         _check(self.threads is None or self.threads >= 1, where, "threads", f"must be >= 1 or null, got {self.threads}")
         try:
-            import torch
-
             torch.device(self.device)
         except (RuntimeError, ValueError) as exc:
             raise ConfigError(f"{_join(where, 'device')}: {exc}") from None
         self._validate_task(where)
 
     def _validate_task(self, where: str) -> None:
-        from .tasks import make_task, task_names
-
-        _check(self.mode in task_names(), where, "mode", f"unknown mode {self.mode!r}; choose one of {list(task_names())}")
+        tasks = registry().task_names()
+        _check(self.mode in tasks, where, "mode", f"unknown mode {self.mode!r}; choose one of {list(tasks)}")
         try:
-            make_task(self.mode, **self.task)
+            registry().make_task(self.mode, **self.task)
         except TypeError as exc:
             raise ConfigTypeError(f"{_join(where, 'task')}: {exc}") from None
         except ValueError as exc:
@@ -560,8 +592,6 @@ def save_config(config: Config, path: str | Path) -> None:
         text = json.dumps(data, indent=2) + "\n"
     else:
         raise ConfigError(f"config: {path} must end in .yaml, .yml or .json")
-    from .checkpoint import atomic_write_bytes
-
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -582,9 +612,8 @@ def _check_seed(seed: int, where: str, name: str) -> None:
 
 
 def _check_optimizer(name: str, where: str, field_name: str) -> None:
-    from .optim.presets import PRESETS
-
-    _check(name in PRESETS, where, field_name, f"unknown optimizer {name!r}; choose one of {sorted(PRESETS)}")
+    optimizers = registry().optimizers
+    _check(name in optimizers, where, field_name, f"unknown optimizer {name!r}; choose one of {optimizers}")
 
 
 def _merge(base: dict, overrides: dict) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ._optional import missing_extra, require
-from .checkpoint import atomic_write_bytes
+from .atomic import atomic_write_bytes
 
 SCHEMA_VERSION = 1
 STARTS = ("protected", "unprotected", "scratch")
@@ -181,7 +181,7 @@ def build_report(task, config: dict, attacks: list[dict], original_domain: dict 
 # ---------------------------------------------------------------- files
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (see :func:`checkpoint.atomic_write_bytes`)."""
+    """Write ``text`` to ``path`` atomically (see :func:`sophon_ext.atomic.atomic_write_bytes`)."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -443,7 +443,7 @@ def _save(fig, path: str | Path) -> None:
 
 
 def save_figure(fig, path: str | Path, dpi: int) -> None:
-    """A matplotlib figure as a PNG, written atomically (:func:`checkpoint.atomic_write_bytes`)."""
+    """A matplotlib figure as a PNG, written atomically (:func:`sophon_ext.atomic.atomic_write_bytes`)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     atomic_write_bytes(path, buffer.getvalue())

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._optional import require
-from ...checkpoint import atomic_write_bytes
+from ...atomic import atomic_write_bytes
 
 FEATURES = ("pixels", "random_conv")
 
