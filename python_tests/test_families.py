@@ -255,3 +255,9 @@ def test_sophon_demo_runs_the_demo_preset_unless_told_otherwise():
     assert build_config(parse(["demo", "--preset", "strong"])).protect.family is not None
     assert build_config(parse(["config"])) == Config()  # other commands start from the library default
     assert build_config(parse(["demo", "--mode", "generation"])).mode == "generation"  # generation keeps its own
+
+
+@pytest.mark.parametrize("steps", [0, -3, 2.5, True])
+def test_sampler_steps_must_be_a_positive_int(steps):
+    with pytest.raises(ValueError, match="steps: must be an int >= 1"):
+        FamilySampler(family(), steps=steps)

@@ -92,6 +92,8 @@ class FamilySampler:
     """Draws :class:`FineTuneStrategy` s from a family (``FamilyConfig``) with K = ``steps``."""
 
     def __init__(self, family, steps: int) -> None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps: must be an int >= 1, got {steps!r}")
         check_family(family)
         self.family = family
         self.steps = steps
@@ -206,8 +208,6 @@ class StrategySampler:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps: must be an int >= 1, got {self.steps!r}")
         family = FamilyConfig.from_dict({
             "optimizers": list(self.optimizers), "methods": list(self.methods),
             "lr_ranges": {name: list(bounds) for name, bounds in self.lr_ranges.items()},
