@@ -53,6 +53,12 @@ Adam 3e-3):
   weight decay 1e-4 with the LSUV re-scaling or the pixel-statistics re-framing
   and a new head: with an adaptive optimizer the decay is the only gradient a
   dead unit gets, and it shrinks the unit's weights and biases towards zero.
+- ``redo:*``  the registry's ``redo`` / ``redo_head`` methods (ReDo, Sokar et
+  al., 2023): the units that are dead on the first 256 restricted training
+  inputs get fresh incoming weights and zeroed outgoing ones, which leaves
+  the model's outputs unchanged; then full fine-tuning or a new head with
+  Adam 1e-3, SGD momentum 1e-2, Adagrad 0.1 or RMSprop 1e-2. It does at once
+  what a decay with an adaptive optimizer does to dead units over many steps.
 - zero-shot: accuracy on the restricted test set with no fine-tuning, after
   every input re-framing and every weight re-scaling (digits and MNIST share
   the labels 0-9), protected vs unprotected vs scratch.
@@ -92,7 +98,7 @@ except ImportError:  # pragma: no cover - depends on how the script is started
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sophon_ext.attack import AttackSpec, fine_tune  # noqa: E402
-from sophon_ext.probes import fresh_copy  # noqa: E402
+from sophon_ext.surgery import fresh_model  # noqa: E402
 from sophon_ext.data import ArrayDataset  # noqa: E402
 from sophon_ext.report import ESCAPE_AREA_MARGIN, ESCAPE_FINAL_MARGIN, area_under_curve, chance_level, escapes  # noqa: E402
 from sophon_ext.tasks import make_task  # noqa: E402
@@ -142,7 +148,7 @@ def load_model_any(path: str) -> nn.Module:
 
 def scratch_model(like: nn.Module, seed: int) -> nn.Module:
     """``like``'s architecture with every layer at torch's default init, drawn from ``seed``."""
-    return fresh_copy(like, seed)
+    return fresh_model(like, torch.Generator().manual_seed(seed))
 
 
 def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -338,6 +344,13 @@ def build_attacks(epochs: int) -> list[dict]:
         lr=0.1, weight_decay=1e-4)
     add("decay:match_mnist_pixel + new head + adagrad 0.1 wd1e-4", "decay", inputs="match_mnist_pixel_mean_std",
         method="reinit_head", optimizer="adagrad", lr=0.1, weight_decay=1e-4)
+    # ReDo: units dead on the restricted inputs recycled (fresh incoming weights, zeroed outgoing ones)
+    # before fine-tuning -- what a decay with an adaptive optimizer does to them slowly, done at once
+    add("redo:redo + adam 1e-3", "redo", method="redo")
+    add("redo:redo + sgd_momentum 1e-2", "redo", method="redo", optimizer="sgd_momentum", lr=1e-2)
+    add("redo:redo + new head + adam 1e-3", "redo", method="redo_head")
+    add("redo:redo + new head + adagrad 0.1", "redo", method="redo_head", optimizer="adagrad", lr=0.1)
+    add("redo:redo + new head + rmsprop 1e-2", "redo", method="redo_head", optimizer="rmsprop", lr=1e-2)
     for a in attacks:
         a["spec"].setdefault("epochs", epochs)
     return attacks
