@@ -182,6 +182,8 @@ def test_every_method_trains_exactly_its_parameters(method, digits):
         "reframe": {f"model.{n}" for n, _ in model.named_parameters()},
         "reframe_head": {f"model.{n}" for n, _ in model.named_parameters()},
         "renorm_head": {n for n, _ in model.named_parameters()},
+        "redo": {n for n, _ in model.named_parameters()},
+        "redo_head": {n for n, _ in model.named_parameters()},
         "head_only": {"head.weight", "head.bias"},
         "freeze_first": set(surgery.parameter_names(model, layers[1:])),
         "probe": {"linear.weight", "linear.bias"},
@@ -192,6 +194,21 @@ def test_every_method_trains_exactly_its_parameters(method, digits):
         assert len(expected) == 2 * len(layers)  # an adapter (down, up) on every conv and linear
     if method == "reinit_layers":  # the first layer was re-drawn before training
         assert not torch.equal(start.get_submodule(layers[0]).weight, model.get_submodule(layers[0]).weight)
+
+
+def test_a_grid_skips_the_methods_a_model_cannot_take_and_says_so(digits):
+    train, test = digits
+    grid = tiny_grid(methods=["full", "redo", "redo_head"], epochs=[1])
+    with pytest.warns(UserWarning, match="attacks skipped, their method cannot change this model"):
+        report = run_attacks(tiny_model(3, norm="batch"), None, None, train, test, TASK, grid, progress=False,
+                             diagnostics=False)
+    assert [a["name"] for a in report["attacks"]] == ["full-adam-lr0.01-bs32-ep1-wd0-constant-s0"]
+    skipped = report["config"]["skipped"]
+    assert sorted(skipped) == ["redo-adam-lr0.01-bs32-ep1-wd0-constant-s0", "redo_head-adam-lr0.01-bs32-ep1-wd0-constant-s0"]
+    assert all("ReDo: models with normalisation layers are not supported" in why for why in skipped.values())
+    with pytest.raises(ValueError, match="grid: no attack can run on this model"):
+        run_attacks(tiny_model(3, norm="batch"), None, None, train, test, TASK, tiny_grid(methods=["redo"]),
+                    progress=False, diagnostics=False)
 
 
 OPTIMIZERS = sorted(PRESETS)

@@ -11,8 +11,8 @@ from torch import nn
 
 from sophon_ext.attack import AttackSpec, prepare_attack_model
 from sophon_ext.data import ArrayDataset
-from sophon_ext.methods import (FineTuneMethod, InputChanged, get_method, method_names, register_method,
-                                standardise_inputs)
+from sophon_ext.methods import (DATA_CHANGE_SAMPLES, FineTuneMethod, InputChanged, get_method, method_names,
+                                recycle_dormant_units, register_method, standardise_inputs)
 from sophon_ext.models import SmallCNN
 from sophon_ext.simulation import simulate
 from sophon_ext.strategies import FineTuneStrategy
@@ -40,7 +40,8 @@ def assert_simulated_start_is_the_harness_model(net, train, name: str, seed: int
     inner = real.model if isinstance(real, InputChanged) else real
     theta = {n: p.detach().clone() for n, p in net.named_parameters()}
     reinit, frozen = method.targets(net, spec.layers)
-    start = method.simulated_start(net, theta, reinit, torch.Generator().manual_seed(seed))
+    inputs = train.x[:DATA_CHANGE_SAMPLES] if method.needs_inputs else None  # what the harness's data change saw
+    start = method.simulated_start(net, theta, reinit, torch.Generator().manual_seed(seed), inputs)
     for n, p in inner.named_parameters():
         torch.testing.assert_close(start[n], p.detach(), rtol=0, atol=0, msg=f"{name}: {n}")
         assert p.requires_grad == (n not in frozen), (name, n)
@@ -229,3 +230,72 @@ def test_fresh_model_draws_every_layer_in_turn_from_the_global_rng_when_asked():
         assert torch.equal(got.weight, want.weight) and torch.equal(got.bias, want.bias)
     assert not torch.equal(fresh[0].weight, fresh[2].weight)
     assert torch.equal(fresh[3].running_mean, torch.zeros(6)) and torch.equal(net[3].running_mean, torch.full((6,), 3.0))
+
+
+def _net_with_dead_units(seed: int) -> SmallCNN:
+    """A float64 SmallCNN whose first conv has three units no input in [-1, 1] can switch on."""
+    net = model(seed)
+    with torch.no_grad():
+        net.features[0].bias[[0, 2, 3]] = -100.0  # |w . x| <= 9 * 1/3 for a default-initialised 3x3 conv on [-1, 1]
+    return net
+
+
+def _first_layer_activity(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.relu(net.features[0](x)).mean(dim=(0, 2, 3))
+
+
+def test_redo_recycles_exactly_the_dead_units_and_keeps_the_outputs():
+    net = _net_with_dead_units(4)
+    x = torch.rand(40, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    theta = {n: p.detach().clone().requires_grad_(True) for n, p in net.named_parameters()}
+    changed = recycle_dormant_units(dict(theta), net, x, torch.Generator().manual_seed(3))
+    start = {**theta, **changed}
+    dead = _first_layer_activity(net, x) == 0
+    assert dead.tolist() == [True, False, True, True]
+    out = torch.func.functional_call(net, start, (x,))
+    torch.testing.assert_close(out, net(x), rtol=0, atol=1e-12)  # recycled units' outgoing weights are zero
+    w0, b0 = start["features.0.weight"], start["features.0.bias"]
+    assert torch.equal(w0[~dead], theta["features.0.weight"][~dead]) and torch.equal(b0[~dead], theta["features.0.bias"][~dead])
+    assert (b0[dead].abs() < 1.0).all()  # fresh values, not the trap
+    assert (start["features.3.weight"][:, dead] == 0).all()
+    assert torch.equal(start["features.3.weight"][:, ~dead], theta["features.3.weight"][:, ~dead])
+    # the kept values stay functions of theta: a meta-gradient reaches them, not the recycled ones
+    (w0.sum() + start["features.3.weight"].sum()).backward()
+    assert (theta["features.0.weight"].grad[~dead] == 1).all() and (theta["features.0.weight"].grad[dead] == 0).all()
+    assert (theta["features.3.weight"].grad[:, dead] == 0).all()
+    again = recycle_dormant_units(dict(theta), net, x, torch.Generator().manual_seed(3))
+    assert all(torch.equal(again[n], changed[n]) for n in changed)
+
+
+def test_redo_threshold_also_recycles_barely_active_units():
+    net = _net_with_dead_units(5)
+    x = torch.rand(40, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    activity = _first_layer_activity(net, x).detach()
+    threshold = float(activity.max() / activity.mean()) + 1e-6  # every first-layer unit is dormant at this threshold
+    theta = {n: p.detach() for n, p in net.named_parameters()}
+    changed = recycle_dormant_units(theta, net, x, torch.Generator().manual_seed(0), threshold=threshold)
+    assert (changed["features.0.weight"] != theta["features.0.weight"]).flatten(1).any(dim=1).all()
+
+
+@pytest.mark.parametrize("name", ["redo", "redo_head"])
+def test_redo_starts_where_the_harness_does_on_a_model_with_dead_units(name):
+    net = _net_with_dead_units(6)
+    train = ArrayDataset(torch.rand(300, 1, 8, 8, dtype=torch.float64) * 2 - 1, torch.arange(300) % 10)
+    real, inner, _ = assert_simulated_start_is_the_harness_model(net, train, name, seed=9)
+    assert not torch.equal(inner.features[0].bias, net.features[0].bias)  # something was recycled
+    if name == "redo":  # the function is kept (a new head changes it)
+        torch.testing.assert_close(real(train.x[:8]), net(train.x[:8]), rtol=0, atol=1e-12)
+
+
+def test_redo_refuses_models_it_cannot_read_naming_why():
+    class Branching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Conv2d(1, 4, 3), nn.Conv2d(1, 6, 3), nn.Linear(10, 10)
+
+    with pytest.raises(ValueError, match="ReDo: needs conv/linear layers that feed each other in order; 'a' has 4 outputs "
+                                         "but the next one, 'b', takes 1"):
+        get_method("redo").targets(Branching())
+    assert not get_method("redo").supports(Branching()) and get_method("full").supports(Branching())
+    with pytest.raises(ValueError, match="method 'redo': needs restricted inputs for its data_change"):
+        get_method("redo").simulated_start(model(), {n: p for n, p in model().named_parameters()}, [], torch.Generator())

@@ -71,12 +71,13 @@ def flip(inputs):
     return (inputs[0].flip(-1),)
 
 
-def every_method_and_optimizer(batch_size=5, steps=3):
-    """One strategy per (optimizer preset, method), custom surgery with an input transform included."""
+def every_method_and_optimizer(model, batch_size=5, steps=3):
+    """One strategy per (optimizer preset, method ``model`` supports), custom surgery with an input transform included."""
     out = []
     lrs = {"adadelta": 0.5, "sgd": 0.1}
+    methods = [m for m in method_names(simulated=True) if get_method(m).supports(model)]
     for i, optimizer in enumerate(sorted(PRESETS)):
-        for j, method in enumerate(method_names(simulated=True) + ("custom",)):
+        for j, method in enumerate([*methods, "custom"]):
             extra = {}
             if method != "custom" and get_method(method).needs_layers:
                 extra["layers"] = 1 + (i + j) % 2  # a count of first layers
@@ -119,7 +120,7 @@ def assert_matches_reference(model, strategies, data, result, query_size, seed, 
 
 def test_every_method_and_optimizer_matches_the_sequential_loop():
     model, data = tiny_cnn(), pool()
-    strategies = every_method_and_optimizer(steps=2)  # 2 steps: the second uses the optimizer state
+    strategies = every_method_and_optimizer(model, steps=2)  # 2 steps: the second uses the optimizer state
     reference = simulate_sequential(model, strategies, data, cross_entropy, kl_uniform, query_size=4,
                                     generator=torch.Generator().manual_seed(3))
     threads = torch.get_num_threads()
@@ -131,6 +132,28 @@ def test_every_method_and_optimizer_matches_the_sequential_loop():
         assert result.path == path
         assert_matches_reference(model, strategies, data, result, 4, seed=3, reference=reference)
     assert torch.get_num_threads() == threads  # the worker threads' setting stays theirs
+
+
+def test_methods_that_read_the_inputs_match_the_sequential_loop_on_every_path():
+    # ReDo reads a chain of conv/linear layers without BatchNorm; a unit dead on every input gets recycled
+    model, data = tiny_cnn(norm="none", seed=2), pool(seed=2)
+    with torch.no_grad():
+        model.features[0].bias[1] = -50.0
+    strategies = [FineTuneStrategy(optimizer, 1e-2, 5, 2, method, seed=11 + i) for i, (optimizer, method) in
+                  enumerate([("adam", "redo"), ("sgd_momentum", "redo_head"), ("adagrad", "redo"), ("adam", "full")])]
+    reference = simulate_sequential(model, strategies, data, cross_entropy, kl_uniform, query_size=4,
+                                    generator=torch.Generator().manual_seed(4))
+    recycled = reference[2][0]["features.0.weight"][1]
+    assert not torch.allclose(recycled, model.features[0].weight[1].detach())  # the dead unit trained from fresh values
+    assert torch.equal(reference[2][3]["features.0.weight"][1], model.features[0].weight[1].detach())  # dead under "full"
+    for variant in VARIANTS:
+        with auto_choice(variant):
+            result = simulate(model, strategies, data, cross_entropy, kl_uniform, query_size=4,
+                              generator=torch.Generator().manual_seed(4), return_params=True)
+        assert_matches_reference(model, strategies, data, result, 4, seed=4, reference=reference)
+    assert not get_method("redo").supports(tiny_cnn())  # BatchNorm
+    with pytest.raises(ValueError, match="ReDo: models with normalisation layers are not supported"):
+        simulate(tiny_cnn(), strategies[:1], data, cross_entropy, kl_uniform, query_size=4)
 
 
 def mixed_batch_sizes():
@@ -444,7 +467,7 @@ def test_input_transforms_that_change_shapes_run_in_their_own_group():
 def test_cuda_run_matches_the_cpu_sequential_loop(path):
     # float64 on the GPU against the CPU loop: the fused update and batched paths on device
     model, data = tiny_cnn(), pool()
-    strategies = every_method_and_optimizer(steps=2)
+    strategies = every_method_and_optimizer(model, steps=2)
     reference = simulate_sequential(model, strategies, data, cross_entropy, kl_uniform, query_size=4,
                                     generator=torch.Generator().manual_seed(5))
     (x,), y = data

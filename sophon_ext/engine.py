@@ -43,6 +43,8 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import Config, ConfigError, ProtectConfig, StrategyConfig
 from .data import ArrayDataset, DomainSplits, MapDataset, as_dataset, split
+from .errors import UserInputError
+from .methods import get_method
 from .tasks import Task, check_model_on, evaluate_dataset, make_task
 
 DataLike = Any  # ArrayDataset | DomainSplits | (x, y) pair | map-style torch Dataset | DataLoader
@@ -51,6 +53,22 @@ Dataset = ArrayDataset | MapDataset
 OUT_DIR_FILES = {"log.jsonl": "file", "checkpoint": "dir"}
 #: how a guard stop caused by NaN/inf weights or metrics starts its reason
 NON_FINITE = "non-finite values"
+
+
+def _check_methods_fit(model: nn.Module, strategies, pc: ProtectConfig) -> None:
+    """Refuse, before the first iteration, a simulated method that cannot change ``model``."""
+    if strategies is not None:
+        named = [(f"strategies[{i}].method", s.method) for i, s in enumerate(strategies)]
+    elif pc.family is not None:
+        named = [(f"protect.strategies.methods[{i}]", m) for i, m in enumerate(pc.family.methods)]
+    else:
+        named = [(f"protect.strategies[{i}].method", s.method) for i, s in enumerate(pc.strategies)]
+    for where, name in named:
+        if name == "custom":
+            continue
+        why = get_method(name).refusal(model)
+        if why is not None:
+            raise UserInputError(f"{where}: method {name!r} cannot change this model: {why}")
 
 
 class ProtectionFailed(RuntimeError):
@@ -236,6 +254,7 @@ class Sophon:
             if not strategies:
                 raise ValueError("strategies: must list at least one strategy")
         self.fixed_strategies = strategies
+        _check_methods_fit(model, strategies, self.pc)
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.sampler = None
         self.slots: dict[int, tuple[int, Any]] = {}  # family slot -> (member index, its strategy)

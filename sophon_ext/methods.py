@@ -13,9 +13,11 @@ A method is: which modules are re-initialised (``reinit``: the head, the
 first ``layers`` layers, or both), which parameters stay frozen
 (``freeze``), an optional change of the parameters (``param_change``, a
 function ``(params: dict, model) -> dict`` of the values it changes, e.g. a
-layer-wise re-normalisation) and an optional fixed change of the inputs
-(``input_change``, a function of the first model input, e.g. a
-preprocessing). Users add their own with :func:`register_method`; a
+layer-wise re-normalisation), an optional change computed from restricted
+inputs (``data_change``, a function ``(params, model, inputs, generator) ->
+dict``, e.g. recycling the units that are dead on them) and an optional fixed
+change of the inputs (``input_change``, a function of the first model input,
+e.g. a preprocessing). Users add their own with :func:`register_method`; a
 registered method can be simulated by the protection, named in configs and
 run by the attack harness.
 """
@@ -35,6 +37,10 @@ ParamChange = Callable[[dict, nn.Module], dict]
 InputChange = Callable[[Tensor], Tensor]
 #: seed -> one fixed input change (a method whose attacker draws its preprocessing)
 InputChangeFactory = Callable[[int], InputChange]
+#: (params, model, restricted inputs, generator) -> the values it changes
+DataChange = Callable[[dict, nn.Module, Tensor, torch.Generator], dict]
+#: restricted inputs a data change sees: the first this many of the attack's training data
+DATA_CHANGE_SAMPLES = 256
 
 _REINIT = ("none", "head", "layers", "head+layers")
 _FREEZE = ("none", "all_but_head", "layers")
@@ -55,6 +61,9 @@ class FineTuneMethod:
     reinit: str = "none"
     freeze: str = "none"
     param_change: ParamChange | None = None
+    data_change: DataChange | None = None
+    #: raises ValueError (saying why) for a model the method cannot change, e.g. one with BatchNorm
+    check_model: Callable[[nn.Module], object] | None = None
     input_change: InputChange | None = None
     #: instead of ``input_change``: a function of the attack's seed that returns the input change
     #: (an attacker who picks one preprocessing from a family of them)
@@ -69,7 +78,7 @@ class FineTuneMethod:
             raise ValueError(f"reinit: must be one of {_REINIT}, got {self.reinit!r}")
         if self.freeze not in _FREEZE:
             raise ValueError(f"freeze: must be one of {_FREEZE}, got {self.freeze!r}")
-        for field_name in ("param_change", "input_change", "input_change_from_seed"):
+        for field_name in ("param_change", "data_change", "check_model", "input_change", "input_change_from_seed"):
             value = getattr(self, field_name)
             if value is not None and not callable(value):
                 raise TypeError(f"{field_name}: expected a callable or None, got {type(value).__name__}")
@@ -86,11 +95,30 @@ class FineTuneMethod:
         return "head" in self.reinit or self.freeze == "all_but_head"
 
     @property
+    def needs_inputs(self) -> bool:
+        return self.data_change is not None
+
+    @property
     def continuable(self) -> bool:
         return self.simulated and self.freeze == "none"
 
+    def refusal(self, model: nn.Module) -> str | None:
+        """Why the method cannot change ``model`` (what :attr:`check_model` raised), or None."""
+        if self.check_model is not None:
+            try:
+                self.check_model(model)
+            except ValueError as exc:
+                return str(exc)
+        return None
+
+    def supports(self, model: nn.Module) -> bool:
+        return self.refusal(model) is None
+
     def targets(self, model: nn.Module, layers=None, head: str | None = None) -> tuple[list[str], list[str]]:
-        """(module names to re-initialise, parameter names to freeze) on ``model``."""
+        """(module names to re-initialise, parameter names to freeze) on ``model``; raises
+        ValueError when the method cannot change ``model``."""
+        if self.check_model is not None:
+            self.check_model(model)
         if layers is None:
             layers = self.default_layers
         if self.needs_layers and layers is None:
@@ -110,28 +138,40 @@ class FineTuneMethod:
 
     # -- the two forms ----------------------------------------------------------------------
     def simulated_start(self, model: nn.Module, theta: dict[str, Tensor], reinit: list[str],
-                        generator: torch.Generator) -> dict[str, Tensor]:
+                        generator: torch.Generator, inputs: Tensor | None = None) -> dict[str, Tensor]:
         """The trajectory's starting parameters as a function of ``theta`` (autograd sees through
-        ``param_change``; re-initialised values are constants)."""
+        ``param_change`` and ``data_change``; re-initialised values are constants). ``inputs``:
+        restricted inputs for ``data_change``."""
         start = dict(theta)
         modules = dict(model.named_modules())
         for module in reinit:  # same order and generator as the real form
             for local, value in surgery.fresh_parameters(modules[module], generator).items():
                 start[f"{module}.{local}" if module else local] = value.to(theta[f"{module}.{local}" if module else local].dtype)
-        if self.param_change is not None:
-            start.update(check_param_values(self.param_change(dict(start), model), start, f"method {self.name!r}: param_change"))
+        start.update(self._changes(dict(start), model, inputs, generator))
         return start
 
     @torch.no_grad()
-    def apply_to_module(self, model: nn.Module, reinit: list[str], generator: torch.Generator) -> None:
-        """The same change on a real model, in place (re-initialisation, then ``param_change``)."""
+    def apply_to_module(self, model: nn.Module, reinit: list[str], generator: torch.Generator,
+                        inputs: Tensor | None = None) -> None:
+        """The same change on a real model, in place (re-initialisation, then ``param_change``,
+        then ``data_change`` on ``inputs``)."""
         surgery.reinitialise(model, reinit, generator)
+        params = dict(model.named_parameters())
+        for name, value in self._changes({n: p.detach() for n, p in params.items()}, model, inputs, generator).items():
+            params[name].copy_(value)
+
+    def _changes(self, params: dict, model: nn.Module, inputs: Tensor | None, generator: torch.Generator) -> dict:
+        """What ``param_change`` and then ``data_change`` change, from ``params`` (the values after re-initialisation)."""
+        changed: dict = {}
         if self.param_change is not None:
-            params = dict(model.named_parameters())
-            current = {n: p.detach() for n, p in params.items()}
-            changed = check_param_values(self.param_change(dict(current), model), current, f"method {self.name!r}: param_change")
-            for name, value in changed.items():
-                params[name].copy_(value)
+            changed = check_param_values(self.param_change(dict(params), model), params, f"method {self.name!r}: param_change")
+        if self.data_change is not None:
+            if inputs is None:
+                raise ValueError(f"method {self.name!r}: needs restricted inputs for its data_change")
+            current = {**params, **changed}
+            changed.update(check_param_values(self.data_change(dict(current), model, inputs, generator), current,
+                                              f"method {self.name!r}: data_change"))
+        return changed
 
     def input_change_for(self, seed: int) -> InputChange | None:
         """The input change an attack with ``seed`` applies (the same on both sides)."""
@@ -233,6 +273,61 @@ def random_reframing(seed: int) -> InputChange:
     return reframe
 
 
+def chained_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The conv/linear layers in registration order, checked to feed each other in that order."""
+    if any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules()):
+        raise ValueError("ReDo: models with normalisation layers are not supported "
+                         "(a unit's activity is read after its conv/linear layer and a ReLU)")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    for (name, layer), (next_name, following) in zip(layers, layers[1:]):
+        width = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        fed = following.in_features if isinstance(following, nn.Linear) else following.in_channels
+        if width != fed:
+            raise ValueError(f"ReDo: needs conv/linear layers that feed each other in order; "
+                             f"{name!r} has {width} outputs but the next one, {next_name!r}, takes {fed}")
+    return layers
+
+
+def recycle_dormant_units(params: dict, model: nn.Module, inputs: Tensor, generator: torch.Generator,
+                          threshold: float = 0.0) -> dict:
+    """ReDo (Sokar et al., ICML 2023, "The dormant neuron phenomenon in deep reinforcement
+    learning"): a unit of a conv/linear layer (the last layer excepted) is dormant when its mean
+    ReLU output on ``inputs``, divided by its layer's mean over units, is at most ``threshold``
+    (0: exactly dead). A dormant unit's incoming weights and bias get fresh values (the layer's
+    own initialisation, from ``generator``) and its outgoing weights in the next layer become
+    zero, so at threshold 0 the model's outputs do not change; fine-tuning then trains the
+    recycled units. What a decay with an adaptive optimizer does to dead units over many steps
+    (their only gradient shrinks them in sign-like steps), at once. For a chain of conv/linear
+    layers with a ReLU after each (SmallCNN); the masks are constants, the kept values stay
+    functions of ``params``."""
+    layers = chained_layers(model)
+    captured: dict[str, Tensor] = {}
+    handles = [layer.register_forward_hook(lambda m, i, o, n=name: captured.__setitem__(n, o.detach()))
+               for name, layer in layers[:-1]]
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(model, {n: v.detach() for n, v in params.items()}, (inputs,))
+    finally:
+        for handle in handles:
+            handle.remove()
+    out: dict[str, Tensor] = {}
+    for (name, layer), (next_name, _) in zip(layers, layers[1:]):
+        activity = torch.relu(captured[name]).mean(dim=[d for d in range(captured[name].dim()) if d != 1])
+        dormant = activity <= threshold * activity.mean()
+        if not bool(dormant.any()):
+            continue
+        fresh = surgery.fresh_parameters(layer, generator)
+        for local, value in fresh.items():
+            key = f"{name}.{local}"
+            current = out.get(key, params[key])
+            mask = dormant.view(-1, *([1] * (current.dim() - 1)))
+            out[key] = torch.where(mask, value.to(current), current)
+        key = f"{next_name}.weight"
+        current = out.get(key, params[key])
+        out[key] = current * (~dormant).to(current.dtype).view(1, -1, *([1] * (current.dim() - 2)))
+    return out
+
+
 _REGISTRY: dict[str, FineTuneMethod] = {}
 
 
@@ -278,10 +373,15 @@ for _method in (
                    reinit="head", input_change_from_seed=random_reframing),
     FineTuneMethod("renorm_head", "layer-wise re-normalisation (as `renorm`) and head re-initialised, then full",
                    reinit="head", param_change=renormalise_layers),
+    # an attacker who notices units that are dead on the restricted inputs and recycles them (ReDo)
+    FineTuneMethod("redo", "units dead on restricted inputs recycled (ReDo), then full fine-tuning",
+                   data_change=recycle_dormant_units, check_model=chained_layers),
+    FineTuneMethod("redo_head", "units dead on restricted inputs recycled (ReDo) and head re-initialised, then full",
+                   reinit="head", data_change=recycle_dormant_units, check_model=chained_layers),
     FineTuneMethod("probe", "a new linear layer on a frozen intermediate layer (harness only)", simulated=False),
     FineTuneMethod("lora", "low-rank adapters on linear/conv/attention projections (harness only)", simulated=False),
 ):
     register_method(_method)
 
 __all__ = ["FineTuneMethod", "InputChanged", "register_method", "get_method", "method_names",
-           "random_reframing", "renormalise_layers", "standardise_inputs"]
+           "random_reframing", "recycle_dormant_units", "renormalise_layers", "standardise_inputs"]

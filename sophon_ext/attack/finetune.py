@@ -21,7 +21,7 @@ from torch import nn
 
 from ..data import ArrayDataset, MapDataset, as_dataset
 from ..errors import UserInputError
-from ..methods import InputChanged, get_method
+from ..methods import DATA_CHANGE_SAMPLES, InputChanged, get_method
 from ..optim.presets import make_torch_optimizer
 from ..tasks.base import check_model_on, evaluate_dataset
 from .. import surgery
@@ -148,7 +148,7 @@ def prepare_attack_model(model: nn.Module, spec: AttackSpec, task, train: ArrayD
         add_lora(model, spec.rank, spec.lora_alpha, generator, spec.target_modules)
     else:
         reinit, frozen = method.targets(model, spec.layers, head_name)
-        method.apply_to_module(model, reinit, generator)
+        method.apply_to_module(model, reinit, generator, _restricted_inputs(task, train) if method.needs_inputs else None)
         for name, p in model.named_parameters():
             p.requires_grad_(name not in set(frozen))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -164,6 +164,12 @@ def prepare_attack_model(model: nn.Module, spec: AttackSpec, task, train: ArrayD
         keeps = "builds a new head" if new_head else "keeps the model's head"
         raise UserInputError(f"attack {spec.name}: method {spec.method!r} {keeps}: {exc}") from exc
     return model, params
+
+
+def _restricted_inputs(task, train) -> torch.Tensor:
+    """The inputs a method's ``data_change`` sees: the first ``DATA_CHANGE_SAMPLES`` training samples."""
+    sample = train.head(min(DATA_CHANGE_SAMPLES, len(train)))
+    return task.prepare(sample.x, sample.y, torch.Generator().manual_seed(0))[0][0]
 
 
 def _finite(value: float) -> bool:

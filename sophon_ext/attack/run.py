@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -31,6 +32,7 @@ from ..report import atomic_write_json, build_report, chance_level, summarise_at
 from .. import surgery
 from .diagnostics import compare_models
 from .finetune import fine_tune
+from ..methods import get_method
 from .grid import load_grid
 from .spec import AttackSpec
 
@@ -110,6 +112,17 @@ def _read_json(path: Path):
         return None  # absent or unreadable: recompute
 
 
+def _runnable(specs: list, model: nn.Module) -> tuple[list, dict[str, str]]:
+    """The attacks whose method can change ``model``, and ``{name: why}`` for the others: a grid
+    that names every method (the ``methods`` preset) runs what applies, and says what it left out."""
+    skipped = {s.name: why for s in specs if (why := get_method(s.method).refusal(model)) is not None}
+    if skipped:
+        if len(skipped) == len(specs):
+            raise UserInputError(f"grid: no attack can run on this model: {skipped}")
+        warnings.warn(f"attacks skipped, their method cannot change this model: {skipped}", stacklevel=3)
+    return [s for s in specs if s.name not in skipped], skipped
+
+
 def run_attacks(protected: nn.Module, unprotected: nn.Module | None, scratch_factory: Callable[[], nn.Module] | None,
                 restricted_train, restricted_test, task=None, grid="quick", *, original_test=None,
                 out_dir: str | Path | None = None, resume: bool = False, overwrite: bool = False,
@@ -158,7 +171,7 @@ def run_attacks(protected: nn.Module, unprotected: nn.Module | None, scratch_fac
     original = as_dataset(original_test, "original_test") if original_test is not None else None
     if len(train) == 0 or len(test) == 0:
         raise UserInputError(f"restricted data: train and test must be non-empty, got {len(train)} and {len(test)} samples")
-    specs = load_grid(grid)
+    specs, skipped = _runnable(load_grid(grid), protected)
     world_rank = _check_shard(shard)
     comm = distributed.setup() if shard is None else distributed.Communicator()
     if comm.is_distributed:
@@ -234,6 +247,7 @@ def run_attacks(protected: nn.Module, unprotected: nn.Module | None, scratch_fac
         **(config or {}),
         "grid": str(grid) if isinstance(grid, (str, Path)) else grid if isinstance(grid, dict) else None,
         "attacks": [s.to_dict() for s in specs],
+        "skipped": skipped,
         "device": str(device), "shard": list(shard) if shard is not None else None, "head": head,
         "task": repr(task),
         "data": {"restricted_train": len(train), "restricted_test": len(test),

@@ -16,7 +16,7 @@ from ..optim.functional import get_functional_optimizer, validate_hparams
 from ..optim.presets import resolve_preset
 from ..strategies import FineTuneStrategy
 from .autotune import VARIANTS, run_chunk
-from .batches import apply_transform, check_data, compose_transforms, draw_batches, stacked_batch
+from .batches import apply_transform, check_data, compose_transforms, draw_batches, method_inputs, stacked_batch
 from .memory import activation_bytes_per_sample, auto_chunk_size, is_out_of_memory, trajectory_bytes
 from .paths import Chunk, UpdateGroup
 
@@ -71,11 +71,12 @@ def _plan(model: nn.Module, index: int, strategy: FineTuneStrategy, head: str | 
     return _Plan(index, strategy, base, hp, static, frozenset(frozen), list(reinit), transform)
 
 
-def _start_parameters(model: nn.Module, plan: _Plan, theta: dict[str, Tensor]) -> dict[str, Tensor]:
+def _start_parameters(model: nn.Module, plan: _Plan, theta: dict[str, Tensor], inputs: tuple) -> dict[str, Tensor]:
     """The trajectory's starting point as a function of ``theta`` (autograd sees through it)."""
     generator = torch.Generator().manual_seed(plan.strategy.seed)
     if plan.strategy.method != "custom":
-        return get_method(plan.strategy.method).simulated_start(model, theta, plan.reinit, generator)
+        method = get_method(plan.strategy.method)
+        return method.simulated_start(model, theta, plan.reinit, generator, method_inputs(method, inputs, theta))
     out = check_param_values(plan.strategy.surgery(dict(theta), generator), theta, "surgery")
     return {**theta, **{n: v.to(dtype=theta[n].dtype, device=theta[n].device) for n, v in out.items()}}
 
@@ -278,7 +279,7 @@ def _run_part(model, part, theta, batches, inputs, targets, adaptation_loss, sup
               device, losses, meta, adapted) -> str:
     """Run one chunk of a group; writes its losses, meta-gradient and adapted parameters."""
     names = list(theta)
-    starts = [_start_parameters(model, plan, theta) for plan in part]
+    starts = [_start_parameters(model, plan, theta, inputs) for plan in part]
     start = {n: torch.stack([s[n] for s in starts]) for n in names}
     update_groups, first = [], 0
     for key in dict.fromkeys(_update_key(p) for p in part):  # contiguous: part is sorted by key

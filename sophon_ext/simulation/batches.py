@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..methods import DATA_CHANGE_SAMPLES
+
 
 @dataclass
 class TrajectoryBatches:
@@ -122,3 +124,11 @@ def _float_dtype(inputs: tuple[Tensor, ...]) -> torch.dtype:
         if t.is_floating_point():
             return t.dtype
     return torch.get_default_dtype()
+
+
+def method_inputs(method, inputs: tuple, theta: dict[str, Tensor]) -> Tensor | None:
+    """The restricted inputs a method's ``data_change`` sees in the simulator: the pool's first
+    ``DATA_CHANGE_SAMPLES``, on the parameters' device (the harness takes its training data's first)."""
+    if not method.needs_inputs:
+        return None
+    return inputs[0][:DATA_CHANGE_SAMPLES].to(next(iter(theta.values())).device)

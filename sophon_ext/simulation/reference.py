@@ -19,7 +19,7 @@ from ..methods import get_method
 from ..optim.functional import torch_optimizer_kwargs
 from ..optim.presets import make_torch_optimizer, resolve_preset
 from ..strategies import FineTuneStrategy
-from .batches import apply_transform, check_data, compose_transforms, draw_batches, take
+from .batches import apply_transform, check_data, compose_transforms, draw_batches, method_inputs, take
 
 
 def _loss(fn: Callable, model: nn.Module, inputs, targets) -> Tensor:
@@ -59,9 +59,10 @@ def simulate_sequential(model: nn.Module, strategies: Sequence[FineTuneStrategy]
         else:
             method = get_method(strategy.method)
             reinit, frozen = method.targets(model, strategy.layers, head)
-            method.apply_to_module(work, reinit, generator_i)  # the harness's form of the method
+            method_x = method_inputs(method, inputs, theta)
+            method.apply_to_module(work, reinit, generator_i, method_x)  # the harness's form of the method
             # the simulator's form, only for the graph the meta-gradient is pulled back through
-            start = method.simulated_start(model, theta, reinit, torch.Generator().manual_seed(strategy.seed))
+            start = method.simulated_start(model, theta, reinit, torch.Generator().manual_seed(strategy.seed), method_x)
             transform = compose_transforms(method.simulated_input_transform(strategy.seed), transform)
         base, hp = resolve_preset(strategy.optimizer, strategy.hparams)
         trainable = [params[n] for n in names if n not in frozen]
