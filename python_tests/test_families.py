@@ -263,22 +263,6 @@ def test_sampler_steps_must_be_a_positive_int(steps):
         FamilySampler(family(), steps=steps)
 
 
-def test_a_preset_extends_another_and_bad_extends_are_named(monkeypatch):
-    from sophon_ext import presets
-
-    files = {"base": {"protect": {"iterations": 5, "num_strategies": 2}, "seed": 3},
-             "child": {"extends": "base", "protect": {"iterations": 7}},
-             "loop_a": {"extends": "loop_b"}, "loop_b": {"extends": "loop_a"}, "orphan": {"extends": "nope"}}
-    monkeypatch.setattr(presets, "preset_names", lambda: sorted(files))
-    monkeypatch.setattr(presets, "_read", lambda name: files[name])
-    assert presets.preset_overrides("child") == {"protect": {"iterations": 7, "num_strategies": 2}, "seed": 3}
-    assert files["child"] == {"extends": "base", "protect": {"iterations": 7}}  # the file's data is not changed
-    with pytest.raises(ConfigError, match="preset 'loop_a': extends itself through loop_a -> loop_b -> loop_a"):
-        presets.preset_overrides("loop_a")
-    with pytest.raises(ConfigError, match="preset 'orphan': extends: unknown preset 'nope'"):
-        presets.preset_overrides("orphan")
-
-
 def test_a_family_may_simulate_redo_and_a_model_it_cannot_change_is_refused_first(domains, pretrained):  # noqa: F811
     original, restricted = domains
     fam = {"optimizers": ["adam"], "methods": ["redo_head", "redo"], "batch_sizes": [16], "lr_ranges": {"adam": [1e-3, 1e-2]}}

@@ -181,11 +181,3 @@ def test_protection_running_statistics_follow_the_original_domain_only(path):
     assert int(after["stem.1.num_batches_tracked"]) == 1
     assert not torch.equal(before["stem.1.running_mean"], after["stem.1.running_mean"])
 
-
-def test_the_strong_preset_for_the_resnet_is_strong_with_the_resnet_and_its_budget():
-    strong, resnet = (Config().replace(preset_overrides(name)) for name in ("strong", "resnet"))
-    config = Config().replace(preset_overrides("resnet_strong"))
-    assert config.model == resnet.model
-    assert config.protect.family == strong.protect.family and config.protect.probes == strong.protect.probes
-    assert config.protect.iterations == resnet.protect.iterations
-    assert config.protect.num_strategies == strong.protect.num_strategies

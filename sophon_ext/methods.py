@@ -275,7 +275,7 @@ def random_reframing(seed: int) -> InputChange:
 
 def chained_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The conv/linear layers in registration order, checked to feed each other in that order."""
-    if any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules()):
+    if any(isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) for m in model.modules()):
         raise ValueError("ReDo: models with normalisation layers are not supported "
                          "(a unit's activity is read after its conv/linear layer and a ReLU)")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]

@@ -28,11 +28,11 @@ from torch import nn
 from .. import distributed
 from ..data import ArrayDataset, MapDataset, as_dataset
 from ..errors import UserInputError
+from ..methods import get_method
 from ..report import atomic_write_json, build_report, chance_level, summarise_attack, write_outputs
 from .. import surgery
 from .diagnostics import compare_models
 from .finetune import fine_tune
-from ..methods import get_method
 from .grid import load_grid
 from .spec import AttackSpec
 
