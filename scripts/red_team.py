@@ -98,6 +98,7 @@ except ImportError:  # pragma: no cover - depends on how the script is started
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sophon_ext.attack import AttackSpec, fine_tune  # noqa: E402
+from sophon_ext.methods import weighted_layers  # noqa: E402  (registration = forward order for SmallCNN)
 from sophon_ext.surgery import fresh_model  # noqa: E402
 from sophon_ext.data import ArrayDataset  # noqa: E402
 from sophon_ext.report import ESCAPE_AREA_MARGIN, ESCAPE_FINAL_MARGIN, area_under_curve, chance_level, escapes  # noqa: E402
@@ -149,11 +150,6 @@ def load_model_any(path: str) -> nn.Module:
 def scratch_model(like: nn.Module, seed: int) -> nn.Module:
     """``like``'s architecture with every layer at torch's default init, drawn from ``seed``."""
     return fresh_model(like, torch.Generator().manual_seed(seed))
-
-
-def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Conv and linear layers in registration (= forward, for SmallCNN) order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
 
 
 def head_name(model: nn.Module) -> str:

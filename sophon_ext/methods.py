@@ -214,14 +214,17 @@ class InputChanged(nn.Module):
 # -- built-in changes ---------------------------------------------------------------------------
 
 
+def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The conv and linear layers, in registration order (what the built-in changes act on)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+
+
 def renormalise_layers(params: dict, model: nn.Module) -> dict:
     """Every conv/linear weight scaled to the Frobenius norm a default-initialised layer of its
     shape has on average (keeping the filter directions), its bias set to zero: undoes any
     protection that lives in the scale of the weights or in large (negative) biases."""
     out = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-            continue
+    for name, module in weighted_layers(model):
         weight_name = f"{name}.weight" if name else "weight"
         weight = params[weight_name]
         fan_in = weight[0].numel()
@@ -278,10 +281,9 @@ def chained_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if any(isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) for m in model.modules()):
         raise ValueError("ReDo: models with normalisation layers are not supported "
                          "(a unit's activity is read after its conv/linear layer and a ReLU)")
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    layers = weighted_layers(model)
     for (name, layer), (next_name, following) in zip(layers, layers[1:]):
-        width = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-        fed = following.in_features if isinstance(following, nn.Linear) else following.in_channels
+        width, fed = layer.weight.shape[0], following.weight.shape[1]  # (out, in, ...) for conv and linear
         if width != fed:
             raise ValueError(f"ReDo: needs conv/linear layers that feed each other in order; "
                              f"{name!r} has {width} outputs but the next one, {next_name!r}, takes {fed}")
