@@ -83,6 +83,23 @@ def test_tiny_grid_writes_every_output(digits, other_domain, tmp_path):
     assert (tmp_path / "runs").is_dir() and len(list((tmp_path / "runs").glob("*.json"))) == 2
 
 
+def test_a_grid_with_several_seeds_summarises_each_recipe_across_them(digits, tmp_path):
+    train, test = digits
+    report = run_attacks(tiny_model(1), None, None, train, test, TASK, tiny_grid(methods=["full"], epochs=[1],
+                         seeds=[0, 1]), out_dir=tmp_path, progress=False, diagnostics=False, plots=False)
+    [recipe] = report["across_seeds"]
+    by_seed = {a["seed"]: a for a in report["attacks"]}
+    assert recipe["seeds"] == [0, 1] and set(recipe["finals"]) == {"protected", "scratch"}
+    for start in ("protected", "scratch"):
+        finals = [by_seed[s]["curves"][start]["metric"][-1] for s in (0, 1)]
+        assert recipe["finals"][start] == finals
+        assert recipe["mean_final"][start] == pytest.approx(sum(finals) / 2)
+        assert recipe["best_final"][start] == max(finals)
+    assert recipe["seed_escapes"] == sum(a["summary"]["escape"] for a in report["attacks"])
+    assert "## Across seeds" in (tmp_path / "summary.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["across_seeds"] == json.loads(json.dumps([recipe]))
+
+
 def test_report_numbers_equal_a_plain_training_loop(digits):
     """One attack recomputed by hand: SGD + momentum + weight decay, cosine schedule."""
     train, test = digits

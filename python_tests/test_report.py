@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from sophon_ext.report import (
-    _grid_axes, area_under_curve, atomic_write_json, build_report, curves_csv, epochs_to_reach, summarise_attack,
-    summary_markdown, write_outputs,
+    Chance, _grid_axes, area_under_curve, atomic_write_json, build_report, curves_csv, epochs_to_reach,
+    summarise_attack, summarise_seeds, summary_markdown, write_outputs,
 )
 
 ACCURACY = SimpleNamespace(name="classification", metric_name="accuracy", higher_is_better=True)
@@ -141,3 +141,45 @@ def test_atomic_json_refuses_nan_and_leaves_no_partial_file(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+# ---------------------------------------------------------------- several seeds of one recipe
+
+def seeded(name, seed, protected, scratch, method="full"):
+    return {"name": f"{name}-s{seed}", "method": method, "optimizer": "adagrad", "lr": 0.1, "batch_size": 64,
+            "epochs": len(protected) - 1, "weight_decay": 0.0, "schedule": "constant", "seed": seed,
+            "curves": curves(protected, scratch),
+            "summary": summarise_attack(curves(protected, scratch), True, CHANCE)}
+
+
+CHANCE = Chance(0.1, 0.03)
+
+
+def test_seeds_of_one_recipe_are_judged_on_mean_and_best_curves_by_hand():
+    # scratch lands at chance on seed 0 and at 0.8 on seed 1; the protected model at 0.5 both times
+    attacks = [seeded("adagrad", 0, [0.1, 0.5], [0.1, 0.1]), seeded("adagrad", 1, [0.1, 0.5], [0.1, 0.8]),
+               seeded("other", 0, [0.1, 0.9], [0.1, 0.2], method="head_only")]  # one seed: not summarised
+    [recipe] = summarise_seeds(attacks, True, CHANCE)
+    assert recipe["name"] == "adagrad" and recipe["seeds"] == [0, 1] and recipe["seed_escapes"] == 1
+    assert recipe["finals"]["protected"] == [0.5, 0.5] and recipe["finals"]["scratch"] == [0.1, 0.8]
+    assert recipe["mean_final"]["scratch"] == pytest.approx(0.45) and recipe["best_final"]["scratch"] == 0.8
+    # mean: final 0.5 vs 0.45 (+0.05 > 0.02) -> escape; best: 0.5 vs 0.8 -> not
+    assert recipe["escape_mean"] is True and recipe["escape_best"] is False
+
+
+def test_seed_summary_is_lower_is_better_aware_and_counts_diverged_runs_as_no_progress():
+    attacks = [seeded("x", 0, [1.0, None], [1.0, 0.5]), seeded("x", 1, [1.0, 0.4], [1.0, 0.6])]
+    [recipe] = summarise_seeds(attacks, False)
+    assert recipe["finals"]["protected"] == [1.0, 0.4]  # diverged: entry 0
+    assert recipe["best_final"] == {"protected": 0.4, "scratch": 0.5}
+    assert recipe["escape_best"] is True  # 0.4 is more than 0.02 below 0.5
+    assert recipe["mean_final"]["protected"] == pytest.approx(0.7) and recipe["escape_mean"] is False
+
+
+def test_seed_summary_in_the_markdown_only_when_a_recipe_has_several_seeds():
+    assert "## Across seeds" not in summary_markdown(fake_report())
+    attacks = [seeded("adagrad", 0, [0.1, 0.5], [0.1, 0.1]), seeded("adagrad", 1, [0.1, 0.5], [0.1, 0.8])]
+    report = build_report(ACCURACY, {}, attacks, across_seeds=summarise_seeds(attacks, True, CHANCE))
+    text = summary_markdown(report)
+    assert "| adagrad | 0 1 | 0.500 0.500 | 0.100 0.800 | 0.500 / 0.450 | 0.500 / 0.800 | 1 of 2 | yes | no |" in text
+    assert "**1 of 1 recipes escape on the seeds' mean curves, 0 of 1 best seed against best seed**" in text

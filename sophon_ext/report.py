@@ -142,6 +142,57 @@ def summarise_attack(curves: dict, higher_is_better: bool, chance: Chance | None
     }
 
 
+def _recipe_key(attack: dict) -> str:
+    """An attack's recipe: everything that defines it except its seed."""
+    fields = {k: v for k, v in attack.items() if k not in ("name", "seed", "curves", "summary", "keys")}
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+def _mean_curve(curves: list[Sequence[float | None]]) -> list[float]:
+    filled = [_filled(c) for c in curves]
+    return [sum(values) / len(values) for values in zip(*filled)]
+
+
+def _best_curve(curves: list[Sequence[float | None]], higher_is_better: bool) -> list[float]:
+    """The curve with the best final value (what one keeps of several tries)."""
+    sign = 1.0 if higher_is_better else -1.0
+    return max((_filled(c) for c in curves), key=lambda c: sign * c[-1])
+
+
+def summarise_seeds(attacks: list[dict], higher_is_better: bool, chance: Chance | None = None) -> list[dict]:
+    """One entry per recipe that ran with two or more seeds: the escape rule applied to the
+    seeds' mean curves (``escape_mean``) and to each start's best seed (``escape_best``: the
+    attacker and the from-scratch trainer each keep their best of the same number of tries),
+    with the per-seed finals and how many single seeds escape.
+
+    Why: at a high adaptive rate training from scratch lands anywhere between chance and a
+    good model depending on the seed, so a one-seed verdict can be noise either way."""
+    groups: dict[str, list[dict]] = {}
+    for attack in attacks:
+        groups.setdefault(_recipe_key(attack), []).append(attack)
+    recipes = []
+    for members in groups.values():
+        if len({a["seed"] for a in members}) < 2 or any("scratch" not in a["curves"] for a in members):
+            continue
+        curves = {start: [a["curves"][start]["metric"] for a in members]
+                  for start in STARTS if all(start in a["curves"] for a in members)}
+        mean = {start: _mean_curve(c) for start, c in curves.items()}
+        best = {start: _best_curve(c, higher_is_better) for start, c in curves.items()}
+        first = members[0]
+        recipes.append({
+            "name": first["name"].rsplit("-s", 1)[0] if first["name"].endswith(f"-s{first['seed']}") else first["name"],
+            "seeds": [a["seed"] for a in members],
+            "finals": {start: [_filled(c)[-1] for c in cs] for start, cs in curves.items()},
+            "mean_final": {start: c[-1] for start, c in mean.items()},
+            "mean_auc": {start: area_under_curve(c) for start, c in mean.items()},
+            "best_final": {start: c[-1] for start, c in best.items()},
+            "seed_escapes": sum(bool(a["summary"].get("escape")) for a in members),
+            "escape_mean": escapes(mean["protected"], mean["scratch"], higher_is_better, chance),
+            "escape_best": escapes(best["protected"], best["scratch"], higher_is_better, chance),
+        })
+    return recipes
+
+
 # ---------------------------------------------------------------- the report dict
 
 def versions() -> dict:
@@ -262,12 +313,37 @@ def summary_markdown(report: dict) -> str:
     lines += ["", "Overhead ratio: epochs the protected model needs to reach scratch's final "
               f"{metric}, over the epochs scratch needs (\"never\": not within the budget). AUC ratio: area under "
               "the protected curve over scratch's. Max gap: largest lead of protected over scratch at any epoch.", ""]
+    lines += _seeds_markdown(report)
     lines += _inspection_markdown(report)
     lines += _diagnostics_markdown(report)
     lines += _protection_markdown(report)
     if report.get("command"):
         lines += ["Produced by:", "", "```", report["command"], "```", ""]
     return "\n".join(lines)
+
+
+def _seeds_markdown(report: dict) -> list[str]:
+    """The recipes that ran with several seeds: per-seed finals, and the escape rule on the
+    seeds' mean curves and on each start's best seed."""
+    recipes = report.get("across_seeds") or []
+    if not recipes:
+        return []
+    lines = ["## Across seeds", "",
+             "| recipe | seeds | protected finals | scratch finals | mean final, protected / scratch "
+             "| best final, protected / scratch | single seeds escaping | escape (mean) | escape (best) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in recipes:
+        finals = {start: " ".join(_fmt(v) for v in r["finals"][start]) for start in ("protected", "scratch")}
+        lines.append(f"| {r['name']} | {' '.join(str(s) for s in r['seeds'])} | {finals['protected']} | "
+                     f"{finals['scratch']} | {_fmt(r['mean_final']['protected'])} / {_fmt(r['mean_final']['scratch'])} | "
+                     f"{_fmt(r['best_final']['protected'])} / {_fmt(r['best_final']['scratch'])} | "
+                     f"{r['seed_escapes']} of {len(r['seeds'])} | {'yes' if r['escape_mean'] else 'no'} | "
+                     f"{'yes' if r['escape_best'] else 'no'} |")
+    by_mean = sum(r["escape_mean"] for r in recipes)
+    by_best = sum(r["escape_best"] for r in recipes)
+    lines += ["", f"**{by_mean} of {len(recipes)} recipes escape on the seeds' mean curves, {by_best} of "
+              f"{len(recipes)} best seed against best seed** (the same rule as above).", ""]
+    return lines
 
 
 def _diagnostics_markdown(report: dict) -> list[str]:

@@ -187,6 +187,10 @@ def run_attack_cli(args: argparse.Namespace) -> int:
         return 2
     if report["complete"]:
         print(f"sophon attack: {len(report['attacks'])} attacks; report in {Path(args.out) / 'report.json'}")
+        if report.get("across_seeds"):
+            recipes = report["across_seeds"]
+            print(f"sophon attack: across seeds, {sum(r['escape_mean'] for r in recipes)} of {len(recipes)} recipes "
+                  f"escape on the mean curves, {sum(r['escape_best'] for r in recipes)} best seed against best seed")
     else:
         print(f"sophon attack: shard done ({len(report['attacks'])} attacks finished so far); "
               "the report is written when every shard has finished")

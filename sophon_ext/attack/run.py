@@ -29,7 +29,8 @@ from .. import distributed
 from ..data import ArrayDataset, MapDataset, as_dataset
 from ..errors import UserInputError
 from ..methods import get_method
-from ..report import atomic_write_json, build_report, chance_level, summarise_attack, write_outputs
+from ..report import (atomic_write_json, build_report, chance_level, summarise_attack, summarise_seeds,
+                      write_outputs)
 from .. import surgery
 from .diagnostics import compare_models
 from .finetune import fine_tune
@@ -254,8 +255,9 @@ def run_attacks(protected: nn.Module, unprotected: nn.Module | None, scratch_fac
                  "original_test": len(original) if original is not None else None, "fingerprint": data_fp},
         "models": {**start_fps, "scratch": {str(seed): scratch_for(seed)[1] for seed in seeds}},
     }
+    across_seeds = summarise_seeds(attacks, task.higher_is_better, chance_level(task, test))
     report = build_report(task, run_config, attacks, original_domain, diag, seeds=seeds, complete=complete,
-                          command=command)
+                          command=command, **({"across_seeds": across_seeds} if across_seeds else {}))
     if out is not None and complete and comm.is_main:
         write_outputs(report, out, plots=plots)
     return report
