@@ -393,6 +393,10 @@ class ProtectConfig:
     #: keep each layer's weight and bias norms at most this multiple of the pre-trained model's
     #: (null: unbounded), so the protection cannot hide the features behind a scale an attacker undoes
     scale_bound: Optional[float] = None
+    #: weight of a penalty, added to NTR, that holds every hidden layer's per-channel pre-activation
+    #: mean and std on restricted inputs at the pre-trained model's (null: off), so the protection
+    #: cannot hide the features in dead units or behind a scale (sophon_ext/liveness.py)
+    liveness: Optional[float] = None
     #: simulated attackers per FTS step: with a family, that many trajectories (slots) drawn from it;
     #: with a fixed list, 0 runs every listed strategy, n > 0 draws n of them (with fresh seeds)
     num_strategies: int = 3
@@ -449,6 +453,7 @@ class ProtectConfig:
         if self.family is not None:
             _check(self.num_strategies >= 1, where, "num_strategies", "must be >= 1 with a family (trajectories per FTS step)")
         _check(self.scale_bound is None or self.scale_bound >= 1.0, where, "scale_bound", f"must be >= 1 or null, got {self.scale_bound}")
+        _check(self.liveness is None or self.liveness > 0, where, "liveness", f"must be > 0 or null, got {self.liveness}")
         _check(self.meta_clip is None or self.meta_clip > 0, where, "meta_clip", f"must be > 0 or null, got {self.meta_clip}")
         _check(self.alpha > 0, where, "alpha", f"must be > 0, got {self.alpha}")
         _check(self.beta > 0, where, "beta", f"must be > 0, got {self.beta}")

@@ -268,6 +268,17 @@ class Sophon:
             from .probes import AttackProbes
 
             self.probes = AttackProbes(self.pc.probes, self.task, self.restricted_train, self.config.seed, self.device, head)
+        self.liveness = None
+        self.liveness_losses: list[float] = []
+        if self.pc.liveness is not None:
+            from .liveness import LivenessPenalty
+
+            # the reference statistics: the pre-trained model on a fixed restricted sample (its own
+            # generator, so turning the penalty on does not move the run's other draws)
+            pick = torch.Generator().manual_seed(self.config.seed)
+            n = len(self.restricted_train)
+            x, y = self.restricted_train.gather(torch.randperm(n, generator=pick)[:min(n, 512)])
+            self.liveness = LivenessPenalty(model, self.task.prepare(x, y, pick)[0], self.pc.liveness, head)
         # the pre-trained scale every layer is held to (protect.scale_bound)
         self.reference_norms = {n: float(p.detach().norm()) for n, p in self.params.items()}
         params = list(self.params.values())
@@ -426,6 +437,11 @@ class Sophon:
         inputs, targets = self.task.prepare(x, y, self.generator)
         self.model.train()
         loss = self.task.original_loss(self.model(*inputs), targets)
+        if self.liveness is not None:
+            xr, yr = self._sample(self.restricted_train, self.pc.ntr_batch_size)
+            penalty = self.liveness(self.model, self.task.prepare(xr, yr, self.generator)[0])
+            self.liveness_losses.append(float(penalty.detach()))
+            loss = loss + penalty
         self.ntr_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # every rank ran the same batch; rank 0's gradient, statistics and loss keep them identical
@@ -582,9 +598,12 @@ class Sophon:
         record.update({k: v for k, v in fts[-1].items() if k not in ("sup_loss", "sup_loss_first", "sup_loss_last")})
         for key in ("sup_loss", "sup_loss_first", "sup_loss_last"):
             record[key] = sum(f[key] for f in fts) / len(fts)
+        self.liveness_losses: list[float] = []
         ntr = [self._ntr_step() for _ in range(self.pc.ntr_steps)]
         if ntr:
             record["ntr_loss"] = sum(ntr) / len(ntr)
+        if self.liveness_losses:
+            record["liveness_loss"] = sum(self.liveness_losses) / len(self.liveness_losses)
         if self.pc.scale_bound is not None:
             self._bound_scale()
         if self.probes is not None and self.iteration % self.pc.probes.every == 0:
@@ -717,6 +736,8 @@ class Sophon:
         }
         if self.chains is not None:
             state["chains"] = self.chains.state_dict()
+        if self.liveness is not None:
+            state["liveness"] = self.liveness.state_dict()
         if self.sampler is not None:
             from .families import strategy_to_dict
 
@@ -749,6 +770,8 @@ class Sophon:
             self.variant = state.get("variant")
             if self.chains is not None:
                 self.chains.load_state_dict(state["chains"], self.device)
+            if self.liveness is not None:
+                self.liveness.load_state_dict(state["liveness"], self.device)
             if self.sampler is not None:
                 from .strategies import FineTuneStrategy
 
