@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from sophon_ext import FineTuneStrategy, Sophon, simulate
 from sophon_ext.chains import TrajectoryChains
 from sophon_ext.tasks import ClassificationTask
 
-from test_engine import domains, pretrained, small_config  # noqa: F401 - fixtures
+from test_engine import clone, domains, pretrained, small_config  # noqa: F401 - fixtures
 
 
 class Tiny(nn.Module):
@@ -138,3 +139,17 @@ def test_a_simulate_fn_that_drops_the_adapted_parameters_is_named(domains, pretr
         engine.step()
     plain = Sophon(copy.deepcopy(pretrained), original, restricted, small_config(horizon=None), simulate_fn=no_params)
     assert "chain_depths" not in plain.step()  # without a horizon nothing is continued or asked for
+
+
+def test_a_diverging_simulated_attacker_is_dropped_and_its_chain_ends(domains, pretrained):  # noqa: F811
+    original, restricted = domains
+    config = small_config(iterations=3, num_strategies=0, guard={"enabled": True, "every": 1}, strategies=[
+        {"optimizer": "sgd", "lr": 1e12, "batch_size": 16},  # fine-tuning at this rate overflows
+        {"optimizer": "adam", "lr": 1e-3, "batch_size": 16},
+    ])
+    engine = Sophon(clone(pretrained), original, restricted, config)
+    engine.run()
+    assert all(r.get("diverged") == ["strategy 0"] for r in engine.history)
+    assert all(math.isfinite(r["sup_loss"]) and "rollback_to" not in r for r in engine.history)
+    assert all(torch.isfinite(p).all() for p in engine.model.parameters())
+    assert not engine.chains.has_chain(0) and engine.chains.has_chain(1)

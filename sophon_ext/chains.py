@@ -130,6 +130,11 @@ class TrajectoryChains:
                 absolute={n: adapted[n][i].clone() for n in absolute_names},
             )
 
+    def drop(self, slots: Sequence[int]) -> None:
+        """End these slots' trajectories (e.g. diverged ones): their next draws start fresh."""
+        for slot in slots:
+            self.chains.pop(slot, None)
+
     def state_dict(self) -> dict:
         return {
             "horizon": self.horizon,

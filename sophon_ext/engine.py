@@ -353,32 +353,24 @@ class Sophon:
     # ------------------------------------------------------------------ the loop
 
     def _fts_step(self) -> dict:
-        simulate = self._simulate
-        if simulate is None:
-            from .simulation import simulate
         slots, strategies = self._draw_strategies()
         continuing = self.chains is not None
-        depths = self.chains.depths(slots, strategies) if continuing else None
-        runs = self.chains.strategies_to_run(slots, strategies) if continuing else strategies
         inputs, targets = self._restricted_pool()
-        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
-        self.model.train()
-        result = distributed.simulate_sharded(
-            self.comm,
-            simulate,
-            self.model,
-            runs,
-            data=(inputs, targets),
-            adaptation_loss=self.task.adaptation_loss,
-            suppression_loss=self.task.suppression_loss,
-            query_size=self.pc.query_size,
-            order=self.pc.order,
-            path=self._simulate_path(inputs),
-            chunk_size=self.pc.chunk_size,
-            head=self.head,
-            generator=self.generator,
-            **({"return_params": True} if continuing else {}),
-        )
+        result, runs = self._simulate_strategies(slots, strategies, inputs, targets)
+        losses = result.query_losses.detach()
+        diverged = [i for i in range(len(runs)) if not bool(torch.isfinite(losses[i]).all())]
+        dropped = []
+        if diverged:
+            # A simulated attacker whose fine-tuning diverged is an attack that failed, not a signal:
+            # its chain ends, and when others are left the meta-gradient is taken from them alone.
+            if continuing:
+                self.chains.drop([slots[i] for i in diverged])
+            if len(diverged) < len(runs):
+                dropped = [self._member_name(slots[i]) for i in diverged]
+                keep = [i for i in range(len(runs)) if i not in diverged]
+                slots, strategies = [slots[i] for i in keep], [strategies[i] for i in keep]
+                result, runs = self._simulate_strategies(slots, strategies, inputs, targets)
+        depths = self.chains.depths(slots, strategies) if continuing else None
         if continuing:
             if getattr(result, "params", None) is None:
                 raise TypeError("simulate_fn: must return the adapted params when asked (return_params=True) to "
@@ -386,11 +378,6 @@ class Sophon:
             # before the meta step the parameters are still where the trajectories started
             theta = {n: p.detach() for n, p in self.params.items()}
             self.chains.record(self.model, slots, strategies, theta, result.params)
-        # The paper keeps BatchNorm statistics out of FTS; simulate promises
-        # this, restoring makes it hold for any simulate_fn too.
-        with torch.no_grad():
-            for name, buffer in self.model.named_buffers():
-                buffer.copy_(buffers[name])
         for name, p in self.params.items():
             grad = result.meta_grad.get(name)
             p.grad = None if grad is None else grad.detach().to(p.dtype).clone()
@@ -417,8 +404,47 @@ class Sophon:
             "path": str(getattr(result, "path", "")),
             "variant": self._simulate_path(inputs),
             **({"chain_depths": depths} if depths is not None else {}),
-            **({"members": [self.sampler.members[self.slots[s][0]].name for s in slots]} if self.sampler is not None else {}),
+            **({"members": [self._member_name(s) for s in slots]} if self.sampler is not None else {}),
+            **({"diverged": dropped} if dropped else {}),
         }
+
+    def _simulate_strategies(self, slots: list[int], strategies: list, inputs: tuple, targets) -> tuple[Any, list]:
+        """Simulate this FTS step's trajectories (continued ones from where their chains stopped);
+        BatchNorm statistics are left as they were. Returns (result, the strategies run)."""
+        simulate = self._simulate
+        if simulate is None:
+            from .simulation import simulate
+        continuing = self.chains is not None
+        runs = self.chains.strategies_to_run(slots, strategies) if continuing else strategies
+        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        self.model.train()
+        result = distributed.simulate_sharded(
+            self.comm,
+            simulate,
+            self.model,
+            runs,
+            data=(inputs, targets),
+            adaptation_loss=self.task.adaptation_loss,
+            suppression_loss=self.task.suppression_loss,
+            query_size=self.pc.query_size,
+            order=self.pc.order,
+            path=self._simulate_path(inputs),
+            chunk_size=self.pc.chunk_size,
+            head=self.head,
+            generator=self.generator,
+            **({"return_params": True} if continuing else {}),
+        )
+        # The paper keeps BatchNorm statistics out of FTS; simulate promises
+        # this, restoring makes it hold for any simulate_fn too.
+        with torch.no_grad():
+            for name, buffer in self.model.named_buffers():
+                buffer.copy_(buffers[name])
+        return result, runs
+
+    def _member_name(self, slot: int) -> str:
+        if self.sampler is not None:
+            return self.sampler.members[self.slots[slot][0]].name
+        return f"strategy {slot}"
 
     def _simulate_path(self, inputs: tuple) -> str:
         """``protect.simulate_path``; "auto" is settled once without timing (stacked when the model
